@@ -1,0 +1,103 @@
+"""All settings in one place, built from the environment (the only reader of os.environ)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "DMP_"
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap: str = "127.0.0.1:19092"
+    topic: str = "dmp.events"
+    dead_letter_topic: str = "dmp.events.dlq"
+    group_id: str = "dmp-ingest"
+    partitions: int = 4
+    max_batch: int = 5000
+    poll_timeout_ms: int = 100
+    # Larger than the broker's default so an oversized event reaches us and is dead-lettered.
+    fetch_max_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = "redis://127.0.0.1:16379/0"
+    key_prefix: str = "dmp"
+    change_stream_maxlen: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    max_event_bytes: int = 64 * 1024
+    # Events stamped further ahead than this are refused (clock skew beyond reason).
+    max_future_seconds: float = 3600.0
+    due_sweep_limit: int = 2000
+    metrics_port: int = 0
+
+
+@dataclass(frozen=True)
+class LookupSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    follow_block_ms: int = 100
+    answer_cache_size: int = 100_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    rules_path: Path = Path("segment_rules/examples/segments.yaml")
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    lookup: LookupSettings = field(default_factory=LookupSettings)
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Read ``DMP_<SECTION>_<NAME>`` (and ``DMP_RULES_PATH``, ``DMP_LOG_LEVEL``) variables.
+
+        Also accepts the short forms ``DMP_KAFKA_BOOTSTRAP`` and ``DMP_REDIS_URL`` that the
+        deploy scripts export.
+        """
+        base = cls()
+        top: dict[str, Any] = {}
+        if "DMP_RULES_PATH" in environ:
+            top["rules_path"] = Path(environ["DMP_RULES_PATH"])
+        if "DMP_LOG_LEVEL" in environ:
+            top["log_level"] = environ["DMP_LOG_LEVEL"].upper()
+        for section in ("kafka", "redis", "ingest", "lookup"):
+            current = getattr(base, section)
+            top[section] = _override(current, environ, f"{ENV_PREFIX}{section.upper()}_")
+        return replace(base, **top)
+
+
+def _override(obj: Any, environ: Mapping[str, str], prefix: str) -> Any:
+    changes: dict[str, Any] = {}
+    for f in fields(obj):
+        name = f"{prefix}{f.name.upper()}"
+        if name not in environ:
+            continue
+        raw = environ[name]
+        default = getattr(obj, f.name)
+        try:
+            changes[f.name] = type(default)(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r}: expected {type(default).__name__}") from None
+    return replace(obj, **changes)
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """Every setting with its environment variable name, for docs and ``dmp config``."""
+    out: dict[str, Any] = {
+        "DMP_RULES_PATH": str(settings.rules_path),
+        "DMP_LOG_LEVEL": settings.log_level,
+    }
+    for section in ("kafka", "redis", "ingest", "lookup"):
+        obj = getattr(settings, section)
+        for f in fields(obj):
+            out[f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}"] = getattr(obj, f.name)
+    return out

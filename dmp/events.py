@@ -1,0 +1,94 @@
+"""Event format v1 (docs/events.md): decode and validate one Kafka message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+MAX_UID_LENGTH = 128
+MAX_CATEGORIES = 64
+EVENT_TYPES = frozenset({"page_view", "click", "conversion", "impression", "search", "video_view"})
+_GEO_FIELDS = ("country", "region", "metro", "city", "zip")
+# Timestamps before 2000 or in milliseconds by mistake are refused, not misread.
+_MIN_TS = 946_684_800.0
+_MAX_TS = 4_102_444_800.0
+
+
+class BadEvent(Exception):
+    """The event cannot be used; ``reason`` is short and goes to the dead-letter topic."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_event(
+    value: bytes | None, key: bytes | None, *, max_bytes: int, now: float, max_future: float
+) -> dict[str, Any]:
+    """The validated event as a dict; raises BadEvent with the reason."""
+    if value is None:
+        raise BadEvent("empty message")
+    if len(value) > max_bytes:
+        raise BadEvent(f"event is {len(value)} bytes, over the limit of {max_bytes}")
+    try:
+        event = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise BadEvent(f"invalid JSON: {exc}") from None
+    if not isinstance(event, dict):
+        raise BadEvent("event must be a JSON object")
+    _check_uid(event.get("uid"), key)
+    event["ts"] = _check_ts(event.get("ts"), now, max_future)
+    _check_str("type", event.get("type"), required=True)
+    if event["type"] not in EVENT_TYPES:
+        raise BadEvent(f"unknown type {event['type']!r}; one of {sorted(EVENT_TYPES)}")
+    _check_str("url", event.get("url"), required=False)
+    categories = event.get("categories")
+    if categories is not None:
+        if not isinstance(categories, list) or not all(isinstance(c, str) for c in categories):
+            raise BadEvent("categories must be a list of strings")
+        if len(categories) > MAX_CATEGORIES:
+            raise BadEvent(f"categories has {len(categories)} items, over {MAX_CATEGORIES}")
+    geo = event.get("geo")
+    if geo is not None:
+        if not isinstance(geo, dict):
+            raise BadEvent("geo must be an object")
+        for name in _GEO_FIELDS:
+            _check_str(f"geo.{name}", geo.get(name), required=False)
+    attrs = event.get("attrs")
+    if attrs is not None and not isinstance(attrs, dict):
+        raise BadEvent("attrs must be an object")
+    return event
+
+
+def _check_uid(uid: object, key: bytes | None) -> None:
+    if not isinstance(uid, str) or not uid:
+        raise BadEvent("missing or non-string uid")
+    if len(uid) > MAX_UID_LENGTH:
+        raise BadEvent(f"uid longer than {MAX_UID_LENGTH} characters")
+    # Partition ownership follows the key: without it one cookie could land in two partitions
+    # and be counted apart in each.
+    if key is None:
+        raise BadEvent("missing Kafka key; produce with key = uid")
+    if key != uid.encode("utf-8"):
+        raise BadEvent("Kafka key does not equal uid")
+
+
+def _check_ts(ts: object, now: float, max_future: float) -> float:
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        raise BadEvent("ts must be a number (seconds since the epoch)")
+    value = float(ts)
+    if not _MIN_TS <= value <= _MAX_TS:
+        raise BadEvent(f"ts {ts} is not a plausible time in seconds since the epoch")
+    if value > now + max_future:
+        raise BadEvent(f"ts {ts} is more than {max_future:g}s in the future")
+    return value
+
+
+def _check_str(name: str, value: object, *, required: bool) -> None:
+    if value is None:
+        if required:
+            raise BadEvent(f"missing {name}")
+        return
+    if not isinstance(value, str):
+        raise BadEvent(f"{name} must be a string")

@@ -1,0 +1,212 @@
+"""The ingest consumer: Kafka batches -> rule evaluation -> one Redis transaction per partition.
+
+Offsets live in Redis beside the state they produced, so a restart resumes exactly where the
+last committed transaction ended; Kafka's own committed offsets are informational (lag).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from dmp.config import Settings
+from dmp.dead_letter import DeadLetters, Rejected, reason_class
+from dmp.events import BadEvent, decode_event
+from dmp.keys import PartitionKeys
+from dmp.metrics import IngestMetrics
+from dmp.partition_batch import BatchPlan, plan_batch
+from dmp.partition_store import Fenced, PartitionStore
+from segment_rules import CompiledRules
+
+log = logging.getLogger(__name__)
+DUE_SWEEP_INTERVAL = 1.0
+DAY = 86400
+
+
+class IngestService:
+    def __init__(
+        self,
+        settings: Settings,
+        rules: CompiledRules,
+        redis: aioredis.Redis,
+        metrics: IngestMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.rules = rules
+        self.redis = redis
+        self.metrics = metrics
+        self.clock = clock
+        self.partitions: dict[TopicPartition, PartitionStore] = {}
+        self._last_sweep: dict[TopicPartition, float] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self.state_ttl = int(self._retention_seconds())
+
+    def _retention_seconds(self) -> float:
+        longest = max((t.keep_for for t in self.rules.traits), default=0.0)
+        ttls = [s.ttl for s in self.rules.ruleset.segments if s.ttl is not None]
+        return max([longest, *ttls]) + DAY
+
+    async def run(self, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
+        """Consume until ``stop`` is set; the batch in hand is finished first."""
+        k = self.settings.kafka
+        producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap, acks="all")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=k.bootstrap,
+            group_id=k.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_bytes=k.fetch_max_bytes,
+            max_partition_fetch_bytes=k.fetch_max_bytes,
+        )
+        await producer.start()
+        try:
+            consumer.subscribe([k.topic], listener=_Rebalance(self, consumer))
+            await consumer.start()
+            self._consumer = consumer
+            dead_letters = DeadLetters(producer, k.dead_letter_topic)
+            if started is not None:
+                started.set()
+            while not stop.is_set():
+                batches = await consumer.getmany(
+                    timeout_ms=k.poll_timeout_ms, max_records=k.max_batch
+                )
+                for tp, records in batches.items():
+                    await self._process(consumer, dead_letters, tp, records)
+                await self._sweep_due(set(batches))
+        finally:
+            self._consumer = None
+            await consumer.stop()
+            await producer.stop()
+            self.partitions.clear()
+            log.info("ingest stopped")
+
+    async def _process(
+        self,
+        consumer: AIOKafkaConsumer,
+        dead_letters: DeadLetters,
+        tp: TopicPartition,
+        records: Sequence[ConsumerRecord[bytes, bytes]],
+    ) -> None:
+        store = self.partitions.get(tp)
+        if store is None:
+            return  # revoked while fetched
+        started = time.perf_counter()
+        now = self.clock()
+        ing = self.settings.ingest
+        if store.next_offset is not None:
+            records = [r for r in records if r.offset >= store.next_offset]
+        if not records:
+            return
+        self.metrics.events_consumed.inc(len(records))
+        events = []
+        rejected = []
+        for rec in records:
+            try:
+                events.append(
+                    decode_event(
+                        rec.value,
+                        rec.key,
+                        max_bytes=ing.max_event_bytes,
+                        now=now,
+                        max_future=ing.max_future_seconds,
+                    )
+                )
+            except BadEvent as exc:
+                rejected.append(
+                    Rejected(tp.topic, tp.partition, rec.offset, rec.key, rec.value, exc.reason)
+                )
+        if rejected:
+            await dead_letters.send(rejected)
+            for r in rejected:
+                self.metrics.events_rejected.labels(reason_class(r.reason)).inc()
+        due = await store.due_uids(now, ing.due_sweep_limit)
+        self._last_sweep[tp] = now
+        states = await store.fetch_states({e["uid"] for e in events} | set(due))
+        plan = plan_batch(self.rules, events, due, states, store.next_local, now)
+        next_offset = records[-1].offset + 1
+        produced_at = max(r.timestamp for r in records) / 1000.0
+        if not await self._commit(tp, store, plan, next_offset, produced_at):
+            return
+        await consumer.commit({tp: next_offset})
+        self.metrics.events_applied.inc(plan.applied_events)
+        self.metrics.batch_size.observe(len(records))
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    async def _commit(
+        self,
+        tp: TopicPartition,
+        store: PartitionStore,
+        plan: BatchPlan,
+        next_offset: int | None,
+        produced_at: float,
+    ) -> bool:
+        t0 = time.perf_counter()
+        try:
+            await store.commit(plan, next_offset, produced_at)
+        except Fenced as exc:
+            log.warning("partition %s fenced: %s", tp, exc)
+            self.metrics.fenced.inc()
+            self.partitions.pop(tp, None)
+            return False
+        self.metrics.redis_transaction_seconds.observe(time.perf_counter() - t0)
+        for seg_changes, label in ((plan.added, "added"), (plan.removed, "removed")):
+            n = sum(len(v) for v in seg_changes.values())
+            if n:
+                self.metrics.membership_changes.labels(label).inc(n)
+        return True
+
+    async def _sweep_due(self, busy: set[TopicPartition]) -> None:
+        """Re-evaluate cookies whose windows or TTLs lapse now, with no new event for them."""
+        now = self.clock()
+        for tp, store in list(self.partitions.items()):
+            if tp in busy or now - self._last_sweep.get(tp, 0.0) < DUE_SWEEP_INTERVAL:
+                continue
+            self._last_sweep[tp] = now
+            due = await store.due_uids(now, self.settings.ingest.due_sweep_limit)
+            if not due:
+                continue
+            states = await store.fetch_states(due)
+            plan = plan_batch(self.rules, [], due, states, store.next_local, now)
+            await self._commit(tp, store, plan, None, now)
+
+    async def _assign(self, consumer: AIOKafkaConsumer, assigned: Sequence[TopicPartition]) -> None:
+        r = self.settings.redis
+        for tp in assigned:
+            keys = PartitionKeys(r.key_prefix, tp.topic, tp.partition)
+            store = PartitionStore(
+                self.redis, keys, state_ttl=self.state_ttl, stream_maxlen=r.change_stream_maxlen
+            )
+            await store.load()
+            self.partitions[tp] = store
+            if store.next_offset is not None:
+                consumer.seek(tp, store.next_offset)
+            else:
+                await consumer.seek_to_beginning(tp)
+            log.info("assigned %s from offset %s", tp, store.next_offset or 0)
+        self.metrics.assigned_partitions.set(len(self.partitions))
+
+    def _revoke(self, revoked: Sequence[TopicPartition]) -> None:
+        for tp in revoked:
+            self.partitions.pop(tp, None)
+            self._last_sweep.pop(tp, None)
+        self.metrics.assigned_partitions.set(len(self.partitions))
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # untyped base class
+    def __init__(self, service: IngestService, consumer: AIOKafkaConsumer) -> None:
+        self.service = service
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        # Batches are processed between getmany calls, so none is in flight here.
+        self.service._revoke(revoked)
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        await self.service._assign(self.consumer, assigned)

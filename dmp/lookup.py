@@ -1,0 +1,145 @@
+"""The bid-time lookup service: an aiohttp app answering from an in-memory replica."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from dmp.change_follower import ChangeFollower
+from dmp.config import Settings
+from dmp.metrics import LookupMetrics
+from dmp.replica import Replica
+from segment_rules import CompiledRules
+
+log = logging.getLogger(__name__)
+MAX_UID_LENGTH = 128
+
+SETTINGS = web.AppKey("settings", Settings)
+RULES = web.AppKey("rules", CompiledRules)
+METRICS = web.AppKey("metrics", LookupMetrics)
+REPLICA = web.AppKey("replica", Replica)
+FOLLOWER = web.AppKey("follower", ChangeFollower)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(doc: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
+
+
+def json_error(status: int, message: str) -> web.Response:
+    return json_response({"error": message}, status)
+
+
+def create_lookup_app(
+    settings: Settings, rules: CompiledRules, metrics: LookupMetrics | None = None
+) -> web.Application:
+    app = web.Application(middlewares=[_errors_as_json])
+    app[SETTINGS] = settings
+    app[RULES] = rules
+    app[METRICS] = metrics or LookupMetrics.create()
+    app[REPLICA] = Replica(rules)
+    app.cleanup_ctx.append(_follow_changes)
+    app.router.add_get("/v1/users/{uid}/segments", user_segments)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
+
+
+async def _follow_changes(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client = aioredis.Redis.from_url(settings.redis.url)
+    follower = ChangeFollower(
+        client,
+        app[REPLICA],
+        app[METRICS],
+        prefix=settings.redis.key_prefix,
+        topic=settings.kafka.topic,
+        block_ms=settings.lookup.follow_block_ms,
+    )
+    app[FOLLOWER] = follower
+    stop = asyncio.Event()
+
+    async def load_then_follow() -> None:
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                await follower.load_snapshot()
+                break
+            except Exception as exc:
+                log.warning("snapshot load failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        await follower.follow(stop)
+
+    task = asyncio.create_task(load_then_follow(), name="change-follower")
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), timeout=2.0)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await client.aclose()
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource
+    endpoint = route.canonical if route is not None else "unmatched"
+    started = time.perf_counter()
+    metrics.in_flight.inc()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        return json_error(exc.status, exc.reason)
+    except Exception:
+        log.exception("unhandled error on %s", endpoint)
+        return json_error(500, "internal error")
+    finally:
+        metrics.in_flight.dec()
+        metrics.request_seconds.labels(endpoint, str(status)).observe(time.perf_counter() - started)
+
+
+async def user_segments(request: web.Request) -> web.Response:
+    uid = request.match_info["uid"]
+    if not uid or len(uid) > MAX_UID_LENGTH:
+        return json_error(400, f"uid must be 1 to {MAX_UID_LENGTH} characters")
+    segments = request.app[REPLICA].segments(uid)
+    return json_response({"uid": uid, "segments": segments})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    follower = request.app[FOLLOWER]
+    if not follower.ready.is_set():
+        return json_response({"status": "loading"}, 503)
+    if not follower.healthy:
+        # Still answering from memory, but no longer following Redis.
+        return json_response({"status": "degraded"}, 503)
+    return json_response({"status": "ready"})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

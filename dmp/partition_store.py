@@ -1,0 +1,145 @@
+"""One partition's slice of the Redis store, owned by exactly one ingest consumer at a time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from pyroaring import BitMap
+from redis.exceptions import WatchError
+
+from dmp.cookie_state import CookieState
+from dmp.ids import chunk_of, position
+from dmp.keys import PartitionKeys, partitions_key
+from dmp.partition_batch import BatchPlan
+from dmp.redis_types import as_bytes, as_str
+
+log = logging.getLogger(__name__)
+
+
+class Fenced(Exception):
+    """Another consumer wrote this partition since we loaded it: we no longer own it."""
+
+
+class PartitionStore:
+    """Reads and atomically writes one partition's state; caches the bitmap chunks it owns."""
+
+    def __init__(
+        self, client: aioredis.Redis, keys: PartitionKeys, *, state_ttl: int, stream_maxlen: int
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.state_ttl = state_ttl
+        self.stream_maxlen = stream_maxlen
+        self.next_offset: int | None = None
+        self.next_local = 0
+        self._chunks: dict[tuple[str, int], BitMap] = {}
+
+    async def load(self) -> None:
+        offset, next_local = await self.client.mget([self.keys.offset, self.keys.next_local])
+        self.next_offset = int(offset) if offset is not None else None
+        self.next_local = int(next_local) if next_local is not None else 0
+        self._chunks.clear()
+        await self.client.sadd(
+            partitions_key(self.keys.prefix, self.keys.topic), str(self.keys.partition)
+        )
+
+    async def fetch_states(self, uids: Iterable[str]) -> dict[str, CookieState | None]:
+        uid_list = list(uids)
+        if not uid_list:
+            return {}
+        raws = await self.client.mget([self.keys.cookie(u) for u in uid_list])
+        return {
+            uid: CookieState.decode(as_bytes(raw)) if raw is not None else None
+            for uid, raw in zip(uid_list, raws, strict=True)
+        }
+
+    async def due_uids(self, now: float, limit: int) -> list[str]:
+        raw = await self.client.zrangebyscore(self.keys.due, "-inf", now, start=0, num=limit)
+        return [as_str(r) for r in raw]
+
+    async def _chunk(self, segment_id: str, chunk: int) -> BitMap:
+        key = (segment_id, chunk)
+        bitmap = self._chunks.get(key)
+        if bitmap is None:
+            raw = await self.client.get(self.keys.bitmap(segment_id, chunk))
+            bitmap = BitMap.deserialize(as_bytes(raw)) if raw else BitMap()
+            self._chunks[key] = bitmap
+        return bitmap
+
+    async def commit(self, plan: BatchPlan, next_offset: int | None, produced_at: float) -> None:
+        """Write the plan, the new offset and a change-stream entry in one transaction."""
+        dirty = await self._dirty_chunks(plan)
+        async with self.client.pipeline(transaction=True) as pipe:
+            await pipe.watch(self.keys.offset)
+            stored = await pipe.get(self.keys.offset)
+            if (int(stored) if stored is not None else None) != self.next_offset:
+                self._chunks.clear()  # our cached copies may be stale
+                raise Fenced(f"{self.keys.tag}: offset moved to {stored!r}")
+            pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves multi() untyped
+            for uid, state in plan.states.items():
+                pipe.set(self.keys.cookie(uid), state.encode(), ex=self.state_ttl)
+            for (segment_id, chunk), bitmap in dirty.items():
+                if bitmap:
+                    pipe.set(self.keys.bitmap(segment_id, chunk), bitmap.serialize())
+                else:
+                    pipe.delete(self.keys.bitmap(segment_id, chunk))
+            if plan.new_ids:
+                pipe.append(self.keys.ids, b"".join(h.to_bytes(8, "big") for _, h in plan.new_ids))
+                pipe.set(self.keys.next_local, plan.next_local)
+            due_add = {uid: t for uid, t in plan.due.items() if t is not None}
+            due_remove = [uid for uid, t in plan.due.items() if t is None]
+            if due_add:
+                pipe.zadd(self.keys.due, due_add)
+            if due_remove:
+                pipe.zrem(self.keys.due, *due_remove)
+            if next_offset is not None:
+                pipe.set(self.keys.offset, next_offset)
+            if plan.change_count or plan.new_ids:
+                pipe.xadd(
+                    self.keys.changes,
+                    {"d": self._change_entry(plan, produced_at)},
+                    maxlen=self.stream_maxlen,
+                    approximate=True,
+                )
+            try:
+                await pipe.execute()
+            except WatchError:
+                self._chunks.clear()
+                raise Fenced(f"{self.keys.tag}: written by another consumer") from None
+        self._chunks.update(dirty)
+        if next_offset is not None:
+            self.next_offset = next_offset
+        self.next_local = plan.next_local
+
+    async def _dirty_chunks(self, plan: BatchPlan) -> dict[tuple[str, int], BitMap]:
+        dirty: dict[tuple[str, int], BitMap] = {}
+        for changes, add in ((plan.added, True), (plan.removed, False)):
+            for segment_id, locals_ in changes.items():
+                for local in locals_:
+                    key = (segment_id, chunk_of(local))
+                    bitmap = dirty.get(key)
+                    if bitmap is None:
+                        # Copy: the cache must not run ahead of Redis if the transaction fails.
+                        bitmap = BitMap(await self._chunk(*key))
+                        dirty[key] = bitmap
+                    if add:
+                        bitmap.add(local)
+                    else:
+                        bitmap.discard(local)
+        return dirty
+
+    def _change_entry(self, plan: BatchPlan, produced_at: float) -> bytes:
+        p = self.keys.partition
+        doc: dict[str, Any] = {
+            "a": {s: [position(p, loc) for loc in ls] for s, ls in plan.added.items()},
+            "r": {s: [position(p, loc) for loc in ls] for s, ls in plan.removed.items()},
+            "n": [[position(p, loc), h] for loc, h in plan.new_ids],
+            "t": produced_at,
+            "w": time.time(),
+        }
+        return orjson.dumps(doc)

@@ -1,0 +1,86 @@
+"""Run the long-lived services until a signal: signal handlers live only here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from dmp.config import Settings
+from dmp.ingest import IngestService
+from dmp.lookup import create_lookup_app
+from dmp.metrics import IngestMetrics
+from segment_rules import CompiledRules
+
+log = logging.getLogger(__name__)
+
+
+def _install_signals(stop: asyncio.Event) -> list[signal.Signals]:
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+        installed.append(sig)
+    return installed
+
+
+def _remove_signals(installed: list[signal.Signals]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in installed:
+        loop.remove_signal_handler(sig)
+
+
+async def serve_ingest(settings: Settings, rules: CompiledRules) -> None:
+    stop = asyncio.Event()
+    installed = _install_signals(stop)
+    metrics = IngestMetrics.create()
+    client = aioredis.Redis.from_url(settings.redis.url)
+    runner: web.AppRunner | None = None
+    try:
+        if settings.ingest.metrics_port:
+            runner = await _serve_metrics(
+                metrics, settings.lookup.host, settings.ingest.metrics_port
+            )
+        service = IngestService(settings, rules, client, metrics)
+        log.info("ingest consuming %s as group %s", settings.kafka.topic, settings.kafka.group_id)
+        await service.run(stop)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await client.aclose()
+        _remove_signals(installed)
+
+
+async def _serve_metrics(metrics: IngestMetrics, host: str, port: int) -> web.AppRunner:
+    async def endpoint(request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", endpoint)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def serve_lookup(settings: Settings, rules: CompiledRules) -> None:
+    stop = asyncio.Event()
+    installed = _install_signals(stop)
+    runner = web.AppRunner(create_lookup_app(settings, rules), access_log=None)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.lookup.host, settings.lookup.port)
+        await site.start()
+        log.info("lookup listening on http://%s:%d", settings.lookup.host, settings.lookup.port)
+        await stop.wait()
+        log.info("lookup stopping")
+    finally:
+        await runner.cleanup()
+        _remove_signals(installed)
