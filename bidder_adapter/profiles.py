@@ -1,0 +1,254 @@
+"""Partner profiles: who may call us, which segments they may see, and how we name them."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final, Literal, cast
+
+from bidder_adapter.doc_reader import DocReader, describe
+
+Kind = Literal["dsp", "ssp"]
+OutputFormat = Literal["openrtb", "ids"]
+UserIdSource = Literal["cookie", "buyeruid", "eids"]
+
+KINDS: Final[tuple[Kind, ...]] = ("dsp", "ssp")
+OUTPUT_FORMATS: Final[tuple[OutputFormat, ...]] = ("openrtb", "ids")
+USER_ID_SOURCES: Final[tuple[UserIdSource, ...]] = ("cookie", "buyeruid", "eids")
+# segtax 4 is IAB Audience Taxonomy 1.1; 500 and up are reserved for vendor taxonomies.
+SEGTAX_IAB_AUDIENCE_1_1: Final = 4
+SEGTAX_VENDOR_MIN: Final = 500
+
+_SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
+
+
+def hash_api_key(key: str) -> str:
+    """Hex SHA-256 of an API key, the only form in which keys are stored."""
+    # surrogatepass: a presented key is caller-controlled text and must never make us raise.
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class PartnerProfileError(ValueError):
+    """Invalid partner configuration; `messages` each start with the path of the bad value."""
+
+    def __init__(self, messages: Iterable[str], source_name: str = "partner profile") -> None:
+        self.messages: list[str] = list(messages)
+        self.source_name = source_name
+        lines = "\n".join(f"  {m}" for m in self.messages)
+        super().__init__(f"{source_name}: {len(self.messages)} problem(s):\n{lines}")
+
+
+def _one_of(value: str, choices: tuple[str, ...]) -> str | None:
+    if value in choices:
+        return None
+    return f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class PartnerProfile:
+    """One DSP or SSP; constructing it checks every value (types are mypy's job)."""
+
+    partner_id: str
+    kind: Kind
+    api_key_sha256: str
+    granted_segments: frozenset[str]
+    # Excluded from hashing: a mapping is not hashable, and the id already identifies a partner.
+    segment_id_map: Mapping[str, str] = field(hash=False)
+    output_format: OutputFormat
+    segtax: int
+    data_provider_id: str
+    data_provider_name: str
+    max_segments: int
+    user_id_sources: tuple[UserIdSource, ...]
+    eids_sources: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Copy behind a read-only proxy so a caller's dict cannot change a "frozen" profile later.
+        object.__setattr__(self, "segment_id_map", MappingProxyType(dict(self.segment_id_map)))
+        problems = list(self._problems())
+        if problems:
+            raise PartnerProfileError(problems, f"partner {self.partner_id!r}")
+
+    def _problems(self) -> Iterator[str]:
+        for name in ("partner_id", "data_provider_id", "data_provider_name"):
+            if not getattr(self, name):
+                yield f"{name}: must not be empty"
+        if (msg := _one_of(self.kind, KINDS)) is not None:
+            yield f"kind: {msg}"
+        if not _SHA256_HEX.fullmatch(self.api_key_sha256):
+            yield "api_key_sha256: must be 64 lowercase hex characters (SHA-256 of the key)"
+        if "" in self.granted_segments:
+            yield "granted_segments: must not contain an empty id"
+        for ours, theirs in self.segment_id_map.items():
+            if ours not in self.granted_segments:
+                yield f"segment_id_map.{ours}: not in granted_segments"
+            if not theirs:
+                yield f"segment_id_map.{ours}: must not be empty"
+        if (msg := _one_of(self.output_format, OUTPUT_FORMATS)) is not None:
+            yield f"output_format: {msg}"
+        if self.segtax != SEGTAX_IAB_AUDIENCE_1_1 and self.segtax < SEGTAX_VENDOR_MIN:
+            yield f"segtax: must be 4 or >= 500, got {self.segtax}"
+        if self.max_segments < 1:
+            yield f"max_segments: must be >= 1, got {self.max_segments}"
+        if not self.user_id_sources:
+            yield "user_id_sources: must not be empty"
+        for i, source in enumerate(self.user_id_sources):
+            if (msg := _one_of(source, USER_ID_SOURCES)) is not None:
+                yield f"user_id_sources[{i}]: {msg}"
+            elif source in self.user_id_sources[:i]:
+                yield f"user_id_sources[{i}]: duplicate {source!r}"
+        if "eids" in self.user_id_sources and not self.eids_sources:
+            yield "eids_sources: must not be empty when user_id_sources includes 'eids'"
+        for i, domain in enumerate(self.eids_sources):
+            if not domain:
+                yield f"eids_sources[{i}]: must not be empty"
+
+    def accepts_key(self, key: str) -> bool:
+        """Whether `key` is this partner's API key, compared in constant time."""
+        return hmac.compare_digest(hash_api_key(key), self.api_key_sha256)
+
+    def view(self, segment_ids: Iterable[str]) -> list[str]:
+        """The partner's ids for the granted subset of `segment_ids`.
+
+        Sorted by our id so answers are stable across calls, then capped at `max_segments`.
+        Two of our segments mapped to one partner id are sent once.
+        """
+        result: list[str] = []
+        sent: set[str] = set()
+        for ours in sorted(self.granted_segments.intersection(segment_ids)):
+            theirs = self.segment_id_map.get(ours, ours)
+            if theirs in sent:
+                continue
+            sent.add(theirs)
+            result.append(theirs)
+            if len(result) == self.max_segments:
+                break
+        return result
+
+
+class PartnerProfiles(Mapping[str, PartnerProfile]):
+    """Profiles by partner id, with lookup by presented API key."""
+
+    __slots__ = ("_by_id", "_by_key_hash")
+
+    def __init__(self, profiles: Iterable[PartnerProfile]) -> None:
+        self._by_id: dict[str, PartnerProfile] = {}
+        self._by_key_hash: dict[str, PartnerProfile] = {}
+        for profile in profiles:
+            if profile.partner_id in self._by_id:
+                raise ValueError(f"duplicate partner id {profile.partner_id!r}")
+            if profile.api_key_sha256 in self._by_key_hash:
+                raise ValueError(f"partner {profile.partner_id!r} reuses another partner's key")
+            self._by_id[profile.partner_id] = profile
+            self._by_key_hash[profile.api_key_sha256] = profile
+
+    def __getitem__(self, partner_id: str) -> PartnerProfile:
+        return self._by_id[partner_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def by_api_key(self, key: str) -> PartnerProfile | None:
+        """The partner owning `key`, or None.
+
+        The dict lookup is on the key's SHA-256, so its timing reveals nothing usable about
+        the key itself; the final check is hmac.compare_digest all the same.
+        """
+        profile = self._by_key_hash.get(hash_api_key(key))
+        if profile is None or not profile.accepts_key(key):
+            return None
+        return profile
+
+
+_REQUIRED_KEYS: Final = (
+    "partner_id",
+    "kind",
+    "api_key_sha256",
+    "granted_segments",
+    "output_format",
+    "segtax",
+    "data_provider_id",
+    "data_provider_name",
+    "max_segments",
+    "user_id_sources",
+)
+_OPTIONAL_KEYS: Final = ("segment_id_map", "eids_sources")
+
+
+def parse_partner_profiles(doc: object, source_name: str) -> PartnerProfiles:
+    """Validate a document parsed from YAML, `{"partners": [{...}, ...]}`, into profiles.
+
+    Raises PartnerProfileError listing every problem found, not just the first.
+    """
+    reader = DocReader()
+    found: list[tuple[int, PartnerProfile]] = []
+    top = reader.mapping(doc, "<document>")
+    if top is not None:
+        reader.check_keys(top, "", ["partners"])
+        partners = top.get("partners", [])
+        if not isinstance(partners, list):
+            reader.fail("partners", f"must be a list, got {describe(partners)}")
+            partners = []
+        for index, item in enumerate(partners):
+            profile = _read_partner(reader, item, f"partners[{index}]")
+            if profile is not None:
+                found.append((index, profile))
+    seen_ids: dict[str, int] = {}
+    seen_keys: dict[str, int] = {}
+    for index, profile in found:
+        if (first := seen_ids.setdefault(profile.partner_id, index)) != index:
+            reader.fail(f"partners[{index}].partner_id", f"duplicate of partners[{first}]")
+        if (first := seen_keys.setdefault(profile.api_key_sha256, index)) != index:
+            reader.fail(f"partners[{index}].api_key_sha256", f"same key as partners[{first}]")
+    if reader.errors:
+        raise PartnerProfileError(reader.errors, source_name)
+    return PartnerProfiles(profile for _, profile in found)
+
+
+def _read_partner(reader: DocReader, item: object, path: str) -> PartnerProfile | None:
+    doc = reader.mapping(item, path)
+    if doc is None:
+        return None
+    errors_before = len(reader.errors)
+    reader.check_keys(doc, path, _REQUIRED_KEYS, _OPTIONAL_KEYS)
+    partner_id = reader.string(doc, "partner_id", path)
+    kind = reader.string(doc, "kind", path)
+    api_key_sha256 = reader.string(doc, "api_key_sha256", path)
+    granted = reader.strings(doc, "granted_segments", path)
+    segment_id_map = reader.string_map(doc, "segment_id_map", path)
+    output_format = reader.string(doc, "output_format", path)
+    segtax = reader.integer(doc, "segtax", path)
+    provider_id = reader.string(doc, "data_provider_id", path)
+    provider_name = reader.string(doc, "data_provider_name", path)
+    max_segments = reader.integer(doc, "max_segments", path)
+    sources = reader.strings(doc, "user_id_sources", path)
+    eids_sources = reader.strings(doc, "eids_sources", path)
+    if len(reader.errors) > errors_before:
+        return None
+    try:
+        # The casts only narrow str to the Literal types; __post_init__ checks the values.
+        return PartnerProfile(
+            partner_id=partner_id,
+            kind=cast(Kind, kind),
+            # Stored hashes are compared as text, so one spelling: lowercase.
+            api_key_sha256=api_key_sha256.lower(),
+            granted_segments=frozenset(granted),
+            segment_id_map=segment_id_map,
+            output_format=cast(OutputFormat, output_format),
+            segtax=segtax,
+            data_provider_id=provider_id,
+            data_provider_name=provider_name,
+            max_segments=max_segments,
+            user_id_sources=cast(tuple[UserIdSource, ...], sources),
+            eids_sources=eids_sources,
+        )
+    except PartnerProfileError as exc:
+        reader.errors.extend(f"{path}.{message}" for message in exc.messages)
+        return None
