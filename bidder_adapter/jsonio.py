@@ -11,6 +11,7 @@ strings or long fractions only cost that slower path, never a wrong value.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Final, NoReturn
 
@@ -24,12 +25,27 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # The standard library reads 1e400 as inf, which orjson would then write as null.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range for a double")
+    return value
+
+
+def needs_exact_path(raw: bytes) -> bool:
+    """Whether `raw` might hold an integer that orjson would round."""
+    return _LONG_DIGIT_RUN.search(raw) is not None
+
+
 def loads(raw: bytes) -> object:
     """Parse JSON, exact for every number. Raises ValueError on anything but valid UTF-8 JSON."""
-    if _LONG_DIGIT_RUN.search(raw) is None:
+    if not needs_exact_path(raw):
         return orjson.loads(raw)
     # Decoding ourselves: json.loads would also guess UTF-16/32, which orjson never accepts.
-    return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    return json.loads(
+        raw.decode("utf-8"), parse_float=_finite_float, parse_constant=_reject_constant
+    )
 
 
 def dumps(value: object) -> bytes:
