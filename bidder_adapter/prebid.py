@@ -29,9 +29,10 @@ def build_rtd_answer(
     """`{"ortb2Fragments": {"global": {"user": {"data": [..]}}, "bidder": {code: {...}}}}`.
 
     `global` is `{}` without global data, and bidders whose data is None are left out, so
-    the answer always has both keys. Prebid merges a bidder's fragment over the global one
-    and appends array items, so a bidder named here also receives the global Data object:
-    put in `global_data` only what every bidder may see.
+    the answer always has both keys. Prebid merges a bidder's fragment over the global one,
+    and its mergeDeep (Prebid.js src/utils.js) appends array items not already present, so a
+    bidder named here also receives the global Data object: put in `global_data` only what
+    every bidder may see.
     """
     bidder: dict[str, object] = {}
     for code, data in per_bidder.items():
