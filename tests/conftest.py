@@ -1,0 +1,19 @@
+"""Shared fixtures. Integration tests use the real Kafka and Redis that deploy/ starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dmp.config import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_RULES = REPO / "segment_rules" / "examples" / "segments.yaml"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    return Settings.from_env(os.environ)
