@@ -178,6 +178,7 @@ class IngestService:
 
     async def _assign(self, consumer: AIOKafkaConsumer, assigned: Sequence[TopicPartition]) -> None:
         r = self.settings.redis
+        from_start = []
         for tp in assigned:
             keys = PartitionKeys(r.key_prefix, tp.topic, tp.partition)
             store = PartitionStore(
@@ -188,8 +189,12 @@ class IngestService:
             if store.next_offset is not None:
                 consumer.seek(tp, store.next_offset)
             else:
-                await consumer.seek_to_beginning(tp)
+                # Redis is the truth: no stored offset means no state, so rebuild from the start.
+                from_start.append(tp)
             log.info("assigned %s from offset %s", tp, store.next_offset or 0)
+        if from_start:
+            # One call for all: each call waits for an offset reset round trip.
+            await consumer.seek_to_beginning(*from_start)
         self.metrics.assigned_partitions.set(len(self.partitions))
 
     def _revoke(self, revoked: Sequence[TopicPartition]) -> None:

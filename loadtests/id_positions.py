@@ -68,8 +68,12 @@ def main() -> None:
     started = time.perf_counter()
     result: dict[str, object] = {}
     for members in (1_000_000, args.cookies):
-        result[f"dense_bytes_per_member_{members}"] = round(dense_bytes_per_member(args.cookies, members, rng), 3)
-        result[f"hashed32_bytes_per_member_{members}"] = round(hashed32_bytes_per_member(members, rng), 3)
+        result[f"dense_bytes_per_member_{members}"] = round(
+            dense_bytes_per_member(args.cookies, members, rng), 3
+        )
+        result[f"hashed32_bytes_per_member_{members}"] = round(
+            hashed32_bytes_per_member(members, rng), 3
+        )
     result["transposed_bytes_per_membership_1M_users_x20"] = round(
         transposed_bytes_per_membership(1_000_000, 20, rng), 3
     )
