@@ -9,7 +9,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal, cast
+from urllib.parse import urlsplit
 
+from bidder_adapter.destination_config import DestinationConfig, read_destination
 from bidder_adapter.doc_reader import DocReader, describe
 
 Kind = Literal["dsp", "ssp"]
@@ -24,6 +26,10 @@ SEGTAX_IAB_AUDIENCE_1_1: Final = 4
 SEGTAX_VENDOR_MIN: Final = 500
 
 _SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
+# Partner ids become parts of Redis keys and URL paths: keep them to a safe alphabet.
+_PARTNER_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The sync URL macro for our cookie id (OpenRTB 2.6 Appendix C; `${UID}` as Prebid uses it).
+UID_MACRO: Final = "${UID}"
 
 
 def hash_api_key(key: str) -> str:
@@ -65,6 +71,11 @@ class PartnerProfile:
     max_segments: int
     user_id_sources: tuple[UserIdSource, ...]
     eids_sources: tuple[str, ...] = ()
+    # Where we send browsers to sync (ours-initiated); must hold ${UID}. Empty: no redirect.
+    sync_url: str = ""
+    # Prebid bidder code whose ortb2 fragment carries this partner's view; empty: none.
+    prebid_bidder: str = ""
+    destination: DestinationConfig | None = None
 
     def __post_init__(self) -> None:
         # Copy behind a read-only proxy so a caller's dict cannot change a "frozen" profile later.
@@ -77,6 +88,8 @@ class PartnerProfile:
         for name in ("partner_id", "data_provider_id", "data_provider_name"):
             if not getattr(self, name):
                 yield f"{name}: must not be empty"
+        if self.partner_id and not _PARTNER_ID.fullmatch(self.partner_id):
+            yield "partner_id: use 1 to 64 letters, digits, '.', '_' or '-'"
         if (msg := _one_of(self.kind, KINDS)) is not None:
             yield f"kind: {msg}"
         if not _SHA256_HEX.fullmatch(self.api_key_sha256):
@@ -106,6 +119,12 @@ class PartnerProfile:
         for i, domain in enumerate(self.eids_sources):
             if not domain:
                 yield f"eids_sources[{i}]: must not be empty"
+        if self.sync_url:
+            parts = urlsplit(self.sync_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                yield f"sync_url: must be an http(s) URL, got {self.sync_url!r}"
+            if UID_MACRO not in self.sync_url:
+                yield f"sync_url: must contain the {UID_MACRO} macro for our cookie id"
 
     def accepts_key(self, key: str) -> bool:
         """Whether `key` is this partner's API key, compared in constant time."""
@@ -133,12 +152,17 @@ class PartnerProfile:
 class PartnerProfiles(Mapping[str, PartnerProfile]):
     """Profiles by partner id, with lookup by presented API key."""
 
-    __slots__ = ("_by_id", "_by_key_hash")
+    __slots__ = ("_by_bidder", "_by_id", "_by_key_hash")
 
     def __init__(self, profiles: Iterable[PartnerProfile]) -> None:
         self._by_id: dict[str, PartnerProfile] = {}
         self._by_key_hash: dict[str, PartnerProfile] = {}
+        self._by_bidder: dict[str, PartnerProfile] = {}
         for profile in profiles:
+            if profile.prebid_bidder:
+                if profile.prebid_bidder in self._by_bidder:
+                    raise ValueError(f"prebid bidder {profile.prebid_bidder!r} named twice")
+                self._by_bidder[profile.prebid_bidder] = profile
             if profile.partner_id in self._by_id:
                 raise ValueError(f"duplicate partner id {profile.partner_id!r}")
             if profile.api_key_sha256 in self._by_key_hash:
@@ -154,6 +178,9 @@ class PartnerProfiles(Mapping[str, PartnerProfile]):
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+    def by_prebid_bidder(self, code: str) -> PartnerProfile | None:
+        return self._by_bidder.get(code)
 
     def by_api_key(self, key: str) -> PartnerProfile | None:
         """The partner owning `key`, or None.
@@ -179,7 +206,13 @@ _REQUIRED_KEYS: Final = (
     "max_segments",
     "user_id_sources",
 )
-_OPTIONAL_KEYS: Final = ("segment_id_map", "eids_sources")
+_OPTIONAL_KEYS: Final = (
+    "segment_id_map",
+    "eids_sources",
+    "sync_url",
+    "prebid_bidder",
+    "destination",
+)
 
 
 def parse_partner_profiles(doc: object, source_name: str) -> PartnerProfiles:
@@ -202,7 +235,11 @@ def parse_partner_profiles(doc: object, source_name: str) -> PartnerProfiles:
                 found.append((index, profile))
     seen_ids: dict[str, int] = {}
     seen_keys: dict[str, int] = {}
+    seen_bidders: dict[str, int] = {}
     for index, profile in found:
+        code = profile.prebid_bidder
+        if code and (first := seen_bidders.setdefault(code, index)) != index:
+            reader.fail(f"partners[{index}].prebid_bidder", f"same bidder as partners[{first}]")
         if (first := seen_ids.setdefault(profile.partner_id, index)) != index:
             reader.fail(f"partners[{index}].partner_id", f"duplicate of partners[{first}]")
         if (first := seen_keys.setdefault(profile.api_key_sha256, index)) != index:
@@ -230,6 +267,11 @@ def _read_partner(reader: DocReader, item: object, path: str) -> PartnerProfile 
     max_segments = reader.integer(doc, "max_segments", path)
     sources = reader.strings(doc, "user_id_sources", path)
     eids_sources = reader.strings(doc, "eids_sources", path)
+    sync_url = reader.string(doc, "sync_url", path)
+    prebid_bidder = reader.string(doc, "prebid_bidder", path)
+    destination = None
+    if "destination" in doc:
+        destination = read_destination(reader, doc["destination"], f"{path}.destination")
     if len(reader.errors) > errors_before:
         return None
     try:
@@ -248,6 +290,9 @@ def _read_partner(reader: DocReader, item: object, path: str) -> PartnerProfile 
             max_segments=max_segments,
             user_id_sources=cast(tuple[UserIdSource, ...], sources),
             eids_sources=eids_sources,
+            sync_url=sync_url,
+            prebid_bidder=prebid_bidder,
+            destination=destination,
         )
     except PartnerProfileError as exc:
         reader.errors.extend(f"{path}.{message}" for message in exc.messages)

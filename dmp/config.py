@@ -48,6 +48,25 @@ class LookupSettings:
 
 
 @dataclass(frozen=True)
+class PartnerSettings:
+    """Partner integration (bidder_adapter): ID sync, match table, enrich, admin."""
+
+    # OpenRTB 2.6 Appendix C: match tables customarily keep entries 14 to 60 days.
+    match_ttl_days: int = 30
+    match_stream_maxlen: int = 1_000_000
+    cookie_name: str = "dmp_uid"
+    cookie_max_age_days: int = 390
+    cookie_domain: str = ""
+    # A bid request whose tmax is below this is answered at once, unenriched.
+    min_tmax_ms: int = 10
+    max_batch_users: int = 1000
+    reload_poll_seconds: float = 2.0
+    # Hex SHA-256 of the key for POST /v1/admin/partners/reload; empty disables it.
+    admin_key_sha256: str = ""
+    destination_state_prefix: str = "dest"
+
+
+@dataclass(frozen=True)
 class Settings:
     rules_path: Path = Path("segment_rules/examples/segments.yaml")
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
@@ -55,6 +74,8 @@ class Settings:
     ingest: IngestSettings = field(default_factory=IngestSettings)
     lookup: LookupSettings = field(default_factory=LookupSettings)
     log_level: str = "INFO"
+    partners_path: Path | None = None
+    partner: PartnerSettings = field(default_factory=PartnerSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -69,7 +90,9 @@ class Settings:
             top["rules_path"] = Path(environ["DMP_RULES_PATH"])
         if "DMP_LOG_LEVEL" in environ:
             top["log_level"] = environ["DMP_LOG_LEVEL"].upper()
-        for section in ("kafka", "redis", "ingest", "lookup"):
+        if environ.get("DMP_PARTNERS_PATH"):
+            top["partners_path"] = Path(environ["DMP_PARTNERS_PATH"])
+        for section in ("kafka", "redis", "ingest", "lookup", "partner"):
             current = getattr(base, section)
             top[section] = _override(current, environ, f"{ENV_PREFIX}{section.upper()}_")
         return replace(base, **top)
@@ -95,8 +118,9 @@ def describe(settings: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {
         "DMP_RULES_PATH": str(settings.rules_path),
         "DMP_LOG_LEVEL": settings.log_level,
+        "DMP_PARTNERS_PATH": str(settings.partners_path or ""),
     }
-    for section in ("kafka", "redis", "ingest", "lookup"):
+    for section in ("kafka", "redis", "ingest", "lookup", "partner"):
         obj = getattr(settings, section)
         for f in fields(obj):
             out[f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}"] = getattr(obj, f.name)

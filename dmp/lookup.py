@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from bidder_adapter.routes import setup_partner_routes
 from dmp.change_follower import ChangeFollower
 from dmp.config import Settings
 from dmp.metrics import LookupMetrics
@@ -52,6 +53,7 @@ def create_lookup_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
+    setup_partner_routes(app, settings, app[REPLICA], app[METRICS].registry)
     return app
 
 
