@@ -192,6 +192,8 @@ install_kafka() {
         exec {lock}>&-
         return
     fi
+    # Leftovers of a run killed outright (SIGKILL, power loss); only lock holders make them.
+    rm -rf "$DMP_CACHE_DIR"/.kafka-*.??????
     local tmp
     tmp=$(mktemp -d "$DMP_CACHE_DIR/.kafka-$DMP_KAFKA_VERSION.XXXXXX")
     # An interrupted download must never leave a half cache behind: build aside, rename.
@@ -199,12 +201,16 @@ install_kafka() {
     trap "rm -rf '$tmp'" EXIT
     log "kafka: fetching $DMP_KAFKA_VERSION and its dependencies with Maven"
     write_kafka_pom "$tmp"
-    mvn -q -B -Dstyle.color=never -f "$tmp/pom.xml" "$MAVEN_DEPENDENCY_PLUGIN:copy-dependencies" \
-        -DincludeScope=runtime -DoutputDirectory="$tmp/libs" >&2
+    # Quiet Maven 3.8 still prints stray colour codes: keep its output for failures only.
+    if ! mvn -q -B -f "$tmp/pom.xml" "$MAVEN_DEPENDENCY_PLUGIN:copy-dependencies" \
+        -DincludeScope=runtime -DoutputDirectory="$tmp/libs" >"$tmp/mvn.log" 2>&1; then
+        show_tail "$tmp/mvn.log"
+        die "kafka: Maven could not fetch kafka_2.13:$DMP_KAFKA_VERSION"
+    fi
     compgen -G "$tmp/libs/kafka_2.13-$DMP_KAFKA_VERSION.jar" >/dev/null ||
         die "kafka: Maven finished but kafka_2.13-$DMP_KAFKA_VERSION.jar is missing"
     write_kafka_log4j "$tmp/log4j2.properties"
-    rm -f "$tmp/pom.xml"
+    rm -f "$tmp/pom.xml" "$tmp/mvn.log"
     chmod 755 "$tmp"
     rm -rf "$DMP_KAFKA_HOME"
     mv -T "$tmp" "$DMP_KAFKA_HOME"

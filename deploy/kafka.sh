@@ -26,10 +26,8 @@ java_cmd() {
     "$JAVA" -cp "$DMP_KAFKA_LIBS/*" "$@"
 }
 
-write_properties() {
-    mkdir -p "$KAFKA_DIR" "$DATA_DIR" "$LOG_DIR"
-    local tmp="$PROPS.tmp"
-    cat >"$tmp" <<EOF
+render_properties() {
+    cat <<EOF
 # Written by deploy/kafka.sh on each start; edit the script, not this file.
 process.roles=broker,controller
 node.id=1
@@ -64,7 +62,17 @@ replica.fetch.max.bytes=4194304
 
 log.retention.hours=720
 EOF
-    mv -f "$tmp" "$PROPS"
+}
+
+write_properties() {
+    mkdir -p "$KAFKA_DIR" "$DATA_DIR" "$LOG_DIR"
+    render_properties >"$PROPS.tmp"
+    mv -f "$PROPS.tmp" "$PROPS"
+}
+
+# A running broker was started from $PROPS; refuse to pretend it has different settings.
+same_settings() {
+    cmp -s <(render_properties) "$PROPS"
 }
 
 # The controller's endpoint is written into the formatted metadata (--standalone).
@@ -86,8 +94,8 @@ format_storage() {
     local cluster_id
     cluster_id=$(<"$CLUSTER_ID_FILE")
     log "kafka: formatting storage (cluster id $cluster_id)"
-    java_cmd -Dlog4j2.configurationFile="$DMP_KAFKA_LOG4J" -Dkafka.logs.dir="$LOG_DIR" \
-        kafka.tools.StorageTool format --standalone -t "$cluster_id" -c "$PROPS" >&2
+    # No log4j2 config here on purpose: log4j's default (errors only) keeps the tool quiet.
+    java_cmd kafka.tools.StorageTool format --standalone -t "$cluster_id" -c "$PROPS" >&2
     formatted_key >"$FORMATTED_FOR"
 }
 
@@ -106,6 +114,8 @@ cmd_start() {
     "$DMP_ROOT/deploy/install.sh" kafka kcat
     local pid
     if pid=$(current_pid); then
+        same_settings || die "kafka: running (pid $pid) with other settings than now asked" \
+            "(see $PROPS); deploy/kafka.sh stop first"
         if port_open "$DMP_HOST" "$DMP_KAFKA_PORT"; then
             log "kafka: already running (pid $pid, $BOOTSTRAP)"
             return 0

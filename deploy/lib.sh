@@ -9,6 +9,10 @@ DMP_STATE_DIR="${DMP_STATE_DIR:-$DMP_ROOT/.state}"
 DMP_CACHE_DIR="${DMP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dmp}"
 DMP_PYTHON="${DMP_PYTHON:-python3}"
 DMP_VENV="${DMP_VENV:-$DMP_ROOT/.venv}"
+# Relative overrides are taken from the caller's directory; the scripts may cd elsewhere.
+[[ $DMP_STATE_DIR == /* ]] || DMP_STATE_DIR="$PWD/$DMP_STATE_DIR"
+[[ $DMP_CACHE_DIR == /* ]] || DMP_CACHE_DIR="$PWD/$DMP_CACHE_DIR"
+[[ $DMP_VENV == /* ]] || DMP_VENV="$PWD/$DMP_VENV"
 
 DMP_KAFKA_VERSION="${DMP_KAFKA_VERSION:-4.1.1}"
 # Must be the log4j2 release that kafka_2.13 itself depends on (core and binding in step).

@@ -15,19 +15,12 @@ CONF="$REDIS_DIR/redis.conf"
 PID_FILE="$REDIS_DIR/redis.pid"
 LOG_FILE="$REDIS_DIR/redis.log"
 START_TIMEOUT=20
-# redis-server rewrites its process title to "redis-server 127.0.0.1:PORT".
-MARKER="redis-server $DMP_HOST:$DMP_REDIS_PORT"
+# redis-server rewrites its process title to "redis-server 127.0.0.1:PORT"; the port may
+# differ from today's DMP_REDIS_PORT, so match the program name only (start then refuses).
+MARKER="redis-server "
 
-write_config() {
-    if [[ $DMP_REDIS_PASSWORD == *[\"[:space:]]* ]]; then
-        die "redis: DMP_REDIS_PASSWORD must not contain quotes, backslashes or whitespace"
-    fi
-    mkdir -p "$REDIS_DIR"
-    local tmp="$CONF.tmp"
-    # The password goes in the file, never on a command line that ps shows.
-    (
-        umask 077
-        cat >"$tmp" <<EOF
+render_config() {
+    cat <<EOF
 # Written by deploy/redis.sh on each start; edit the script, not this file.
 bind $DMP_HOST
 port $DMP_REDIS_PORT
@@ -40,11 +33,27 @@ appendonly yes
 appendfsync everysec
 save ""
 EOF
-        if [[ -n $DMP_REDIS_PASSWORD ]]; then
-            printf 'requirepass "%s"\n' "$DMP_REDIS_PASSWORD" >>"$tmp"
-        fi
+    if [[ -n $DMP_REDIS_PASSWORD ]]; then
+        printf 'requirepass "%s"\n' "$DMP_REDIS_PASSWORD"
+    fi
+}
+
+write_config() {
+    if [[ $DMP_REDIS_PASSWORD == *[\"[:space:]]* ]]; then
+        die "redis: DMP_REDIS_PASSWORD must not contain quotes, backslashes or whitespace"
+    fi
+    mkdir -p "$REDIS_DIR"
+    # The password goes in this file (owner-only), never on a command line that ps shows.
+    (
+        umask 077
+        render_config >"$CONF.tmp"
     )
-    mv -f "$tmp" "$CONF"
+    mv -f "$CONF.tmp" "$CONF"
+}
+
+# A running server was started from $CONF; refuse to pretend it has different settings.
+same_settings() {
+    cmp -s <(render_config) "$CONF"
 }
 
 cli() {
@@ -63,6 +72,8 @@ cmd_start() {
     "$DMP_ROOT/deploy/install.sh" redis
     local pid
     if pid=$(current_pid); then
+        same_settings || die "redis: running (pid $pid) with other settings than now asked" \
+            "(port or password; see $CONF); deploy/redis.sh stop first"
         if answering; then
             log "redis: already running (pid $pid, $DMP_HOST:$DMP_REDIS_PORT)"
             return 0
