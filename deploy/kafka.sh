@@ -135,6 +135,9 @@ cmd_start() {
         format_storage
         log "kafka: starting $DMP_KAFKA_VERSION on $BOOTSTRAP (state in $KAFKA_DIR)"
         # setsid: its own session, so Ctrl-C in the caller's terminal does not reach it.
+        # Without job control the child is no group leader, so setsid execs in place and $!
+        # is the JVM itself.
+        set +m
         setsid "$JAVA" -Xms256m -Xmx"$DMP_KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
             -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
             -Djava.awt.headless=true \
