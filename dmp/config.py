@@ -74,6 +74,9 @@ class Settings:
     ingest: IngestSettings = field(default_factory=IngestSettings)
     lookup: LookupSettings = field(default_factory=LookupSettings)
     log_level: str = "INFO"
+    log_format: str = "json"  # json (one object per line) or text
+    # Several worker processes share metrics through files here (prometheus-client reads it too).
+    prometheus_multiproc_dir: Path | None = None
     partners_path: Path | None = None
     partner: PartnerSettings = field(default_factory=PartnerSettings)
 
@@ -90,12 +93,23 @@ class Settings:
             top["rules_path"] = Path(environ["DMP_RULES_PATH"])
         if "DMP_LOG_LEVEL" in environ:
             top["log_level"] = environ["DMP_LOG_LEVEL"].upper()
+        if "DMP_LOG_FORMAT" in environ:
+            top["log_format"] = _log_format(environ["DMP_LOG_FORMAT"])
+        if environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            top["prometheus_multiproc_dir"] = Path(environ["PROMETHEUS_MULTIPROC_DIR"])
         if environ.get("DMP_PARTNERS_PATH"):
             top["partners_path"] = Path(environ["DMP_PARTNERS_PATH"])
         for section in ("kafka", "redis", "ingest", "lookup", "partner"):
             current = getattr(base, section)
             top[section] = _override(current, environ, f"{ENV_PREFIX}{section.upper()}_")
         return replace(base, **top)
+
+
+def _log_format(raw: str) -> str:
+    fmt = raw.strip().lower()
+    if fmt not in ("json", "text"):
+        raise ValueError(f"DMP_LOG_FORMAT={raw!r}: expected json or text")
+    return fmt
 
 
 def _override(obj: Any, environ: Mapping[str, str], prefix: str) -> Any:
@@ -118,6 +132,8 @@ def describe(settings: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {
         "DMP_RULES_PATH": str(settings.rules_path),
         "DMP_LOG_LEVEL": settings.log_level,
+        "DMP_LOG_FORMAT": settings.log_format,
+        "PROMETHEUS_MULTIPROC_DIR": str(settings.prometheus_multiproc_dir or ""),
         "DMP_PARTNERS_PATH": str(settings.partners_path or ""),
     }
     for section in ("kafka", "redis", "ingest", "lookup", "partner"):

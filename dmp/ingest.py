@@ -13,12 +13,15 @@ from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import IllegalStateError
 from aiokafka.structs import ConsumerRecord
+from redis.exceptions import RedisError
 
 from dmp.config import Settings
 from dmp.dead_letter import DeadLetters, Rejected, reason_class
 from dmp.events import BadEvent, decode_event
 from dmp.keys import PartitionKeys
+from dmp.logs import log_context
 from dmp.metrics import IngestMetrics
 from dmp.partition_batch import BatchPlan, plan_batch
 from dmp.partition_store import Fenced, PartitionStore
@@ -27,6 +30,9 @@ from segment_rules import CompiledRules
 log = logging.getLogger(__name__)
 DUE_SWEEP_INTERVAL = 1.0
 DAY = 86400
+OBSERVE_INTERVAL = 1.0  # seconds between consumer lag / connection readings
+# No fetch response for this long on an owned partition: the broker is out of reach.
+KAFKA_STALE_MS = 15_000
 
 
 class IngestService:
@@ -47,6 +53,9 @@ class IngestService:
         self._last_sweep: dict[TopicPartition, float] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self.state_ttl = int(self._retention_seconds())
+        self._observed_at = 0.0
+        metrics.set_rule_set(rules.version)
+        metrics.kafka_connected.set(0)
 
     def _retention_seconds(self) -> float:
         longest = max((t.keep_for for t in self.rules.traits), default=0.0)
@@ -80,6 +89,7 @@ class IngestService:
                 for tp, records in batches.items():
                     await self._process(consumer, dead_letters, tp, records)
                 await self._sweep_due(set(batches))
+                await self._observe(consumer)
         finally:
             self._consumer = None
             await consumer.stop()
@@ -99,11 +109,25 @@ class IngestService:
             return  # revoked while fetched
         started = time.perf_counter()
         now = self.clock()
-        ing = self.settings.ingest
         if store.next_offset is not None:
             records = [r for r in records if r.offset >= store.next_offset]
         if not records:
             return
+        batch_id = f"{tp.topic}:{tp.partition}:{records[0].offset}-{records[-1].offset}"
+        with log_context(batch_id=batch_id):
+            await self._process_records(consumer, dead_letters, tp, store, records, started, now)
+
+    async def _process_records(
+        self,
+        consumer: AIOKafkaConsumer,
+        dead_letters: DeadLetters,
+        tp: TopicPartition,
+        store: PartitionStore,
+        records: Sequence[ConsumerRecord[bytes, bytes]],
+        started: float,
+        now: float,
+    ) -> None:
+        ing = self.settings.ingest
         self.metrics.events_consumed.inc(len(records))
         events = []
         rejected = []
@@ -126,10 +150,19 @@ class IngestService:
             await dead_letters.send(rejected)
             for r in rejected:
                 self.metrics.events_rejected.labels(reason_class(r.reason)).inc()
+            log.warning(
+                "%d of %d events dead-lettered; first at offset %d: %s",
+                len(rejected),
+                len(records),
+                rejected[0].offset,
+                rejected[0].reason,
+            )
         due = await store.due_uids(now, ing.due_sweep_limit)
         self._last_sweep[tp] = now
         states = await store.fetch_states({e["uid"] for e in events} | set(due))
+        t_eval = time.perf_counter()
         plan = plan_batch(self.rules, events, due, states, store.next_local, now)
+        self.metrics.rule_evaluation_seconds.observe(time.perf_counter() - t_eval)
         next_offset = records[-1].offset + 1
         produced_at = max(r.timestamp for r in records) / 1000.0
         if not await self._commit(tp, store, plan, next_offset, produced_at):
@@ -138,6 +171,13 @@ class IngestService:
         self.metrics.events_applied.inc(plan.applied_events)
         self.metrics.batch_size.observe(len(records))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self.metrics.produce_to_commit_seconds.observe(max(0.0, time.time() - produced_at))
+        log.debug(
+            "batch applied: %d events, %d rejected, %d membership changes",
+            plan.applied_events,
+            len(rejected),
+            plan.change_count,
+        )
 
     async def _commit(
         self,
@@ -150,12 +190,16 @@ class IngestService:
         t0 = time.perf_counter()
         try:
             await store.commit(plan, next_offset, produced_at)
+        except RedisError:
+            self.metrics.redis_connected.set(0)
+            raise
         except Fenced as exc:
             log.warning("partition %s fenced: %s", tp, exc)
             self.metrics.fenced.inc()
             self.partitions.pop(tp, None)
             return False
         self.metrics.redis_transaction_seconds.observe(time.perf_counter() - t0)
+        self.metrics.redis_connected.set(1)
         for seg_changes, label in ((plan.added, "added"), (plan.removed, "removed")):
             n = sum(len(v) for v in seg_changes.values())
             if n:
@@ -175,6 +219,33 @@ class IngestService:
             states = await store.fetch_states(due)
             plan = plan_batch(self.rules, [], due, states, store.next_local, now)
             await self._commit(tp, store, plan, None, now)
+
+    async def _observe(self, consumer: AIOKafkaConsumer) -> None:
+        """Lag per owned partition, whether fetches still reach the broker, Redis reachable."""
+        if time.monotonic() - self._observed_at < OBSERVE_INTERVAL:
+            return
+        self._observed_at = time.monotonic()
+        try:
+            await asyncio.wait_for(self.redis.ping(), timeout=OBSERVE_INTERVAL)
+            self.metrics.redis_connected.set(1)
+        except (RedisError, TimeoutError):
+            self.metrics.redis_connected.set(0)
+        now_ms = time.time() * 1000
+        reachable = bool(self.partitions)
+        for tp in list(self.partitions):
+            try:
+                highwater = consumer.highwater(tp)
+                polled = consumer.last_poll_timestamp(tp)
+                if polled is None or now_ms - polled > KAFKA_STALE_MS:
+                    reachable = False
+                if highwater is None:
+                    continue  # nothing fetched yet
+                # position() waits while an offset reset is pending: never hold the loop long.
+                position = await asyncio.wait_for(consumer.position(tp), OBSERVE_INTERVAL / 2)
+            except (AssertionError, IllegalStateError, TimeoutError):
+                continue  # revoked meanwhile (aiokafka asserts assignment) or still resetting
+            self.metrics.consumer_lag.labels(str(tp.partition)).set(max(0, highwater - position))
+        self.metrics.kafka_connected.set(1 if reachable else 0)
 
     async def _assign(self, consumer: AIOKafkaConsumer, assigned: Sequence[TopicPartition]) -> None:
         r = self.settings.redis
@@ -201,6 +272,7 @@ class IngestService:
         for tp in revoked:
             self.partitions.pop(tp, None)
             self._last_sweep.pop(tp, None)
+            self.metrics.forget_partition(tp.partition)
         self.metrics.assigned_partitions.set(len(self.partitions))
 
 

@@ -11,13 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
-from prometheus_client import generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from bidder_adapter.routes import setup_partner_routes
+from bidder_adapter.routes import OUTCOME_HEADER, setup_partner_routes
 from dmp.change_follower import ChangeFollower
 from dmp.config import Settings
-from dmp.metrics import LookupMetrics
+from dmp.logs import REQUEST_ID_HEADER, bind, request_id, unbind
+from dmp.metrics import CONTENT_TYPE, DEADLINE_OUTCOME, NO_PARTNER, PARTNER_LABEL, LookupMetrics
 from dmp.replica import Replica
 from segment_rules import CompiledRules
 
@@ -46,7 +45,8 @@ def create_lookup_app(
     app = web.Application(middlewares=[_errors_as_json])
     app[SETTINGS] = settings
     app[RULES] = rules
-    app[METRICS] = metrics or LookupMetrics.create()
+    app[METRICS] = metrics or LookupMetrics.create(multiproc_dir=settings.prometheus_multiproc_dir)
+    app[METRICS].set_rule_set(rules.version)
     app[REPLICA] = Replica(rules)
     app.cleanup_ctx.append(_follow_changes)
     app.router.add_get("/v1/users/{uid}/segments", user_segments)
@@ -78,6 +78,7 @@ async def _follow_changes(app: web.Application) -> AsyncIterator[None]:
                 await follower.load_snapshot()
                 break
             except Exception as exc:
+                app[METRICS].redis_connected.set(0)
                 log.warning("snapshot load failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -104,10 +105,13 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
     endpoint = route.canonical if route is not None else "unmatched"
     started = time.perf_counter()
     metrics.in_flight.inc()
+    token = bind(request_id=request_id(request.headers.get(REQUEST_ID_HEADER)))
     status = 500
+    outcome = None
     try:
         response = await handler(request)
         status = response.status
+        outcome = response.headers.get(OUTCOME_HEADER)
         return response
     except web.HTTPException as exc:
         status = exc.status
@@ -116,8 +120,14 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         log.exception("unhandled error on %s", endpoint)
         return json_error(500, "internal error")
     finally:
+        unbind(token)
         metrics.in_flight.dec()
-        metrics.request_seconds.labels(endpoint, str(status)).observe(time.perf_counter() - started)
+        partner = request.get(PARTNER_LABEL, NO_PARTNER)
+        metrics.request_seconds.labels(endpoint, str(status), partner).observe(
+            time.perf_counter() - started
+        )
+        if outcome == DEADLINE_OUTCOME:
+            metrics.deadline_empty.labels(partner).inc()
 
 
 async def user_segments(request: web.Request) -> web.Response:
@@ -143,5 +153,5 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

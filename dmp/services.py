@@ -8,13 +8,11 @@ import signal
 
 import redis.asyncio as aioredis
 from aiohttp import web
-from prometheus_client import generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from dmp.config import Settings
 from dmp.ingest import IngestService
 from dmp.lookup import create_lookup_app
-from dmp.metrics import IngestMetrics
+from dmp.metrics import CONTENT_TYPE, IngestMetrics, prepare_multiproc_dir
 from segment_rules import CompiledRules
 
 log = logging.getLogger(__name__)
@@ -38,7 +36,9 @@ def _remove_signals(installed: list[signal.Signals]) -> None:
 async def serve_ingest(settings: Settings, rules: CompiledRules) -> None:
     stop = asyncio.Event()
     installed = _install_signals(stop)
-    metrics = IngestMetrics.create()
+    if settings.prometheus_multiproc_dir is not None:
+        prepare_multiproc_dir(settings.prometheus_multiproc_dir)
+    metrics = IngestMetrics.create(multiproc_dir=settings.prometheus_multiproc_dir)
     client = aioredis.Redis.from_url(settings.redis.url)
     runner: web.AppRunner | None = None
     try:
@@ -58,9 +58,7 @@ async def serve_ingest(settings: Settings, rules: CompiledRules) -> None:
 
 async def _serve_metrics(metrics: IngestMetrics, host: str, port: int) -> web.AppRunner:
     async def endpoint(request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     app = web.Application()
     app.router.add_get("/metrics", endpoint)
@@ -73,6 +71,9 @@ async def _serve_metrics(metrics: IngestMetrics, host: str, port: int) -> web.Ap
 async def serve_lookup(settings: Settings, rules: CompiledRules) -> None:
     stop = asyncio.Event()
     installed = _install_signals(stop)
+    if settings.prometheus_multiproc_dir is not None:
+        # A pre-fork supervisor must do this once, before forking, instead.
+        prepare_multiproc_dir(settings.prometheus_multiproc_dir)
     runner = web.AppRunner(create_lookup_app(settings, rules), access_log=None)
     try:
         await runner.setup()
