@@ -105,6 +105,12 @@ class PartnerRegistry:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def poll(self) -> ReloadResult | None:
+        """Reload if the file's stat changed since it was last read; None when it did not."""
+        if self.path is None or self._stat() == self._seen:
+            return None
+        return self.reload()
+
     async def watch(self, stop: asyncio.Event, interval: float) -> None:
         """Poll the file's stat (mtime, size, inode: editors often replace by rename)."""
         if self.path is None:
@@ -115,5 +121,4 @@ class PartnerRegistry:
                 return
             except TimeoutError:
                 pass
-            if self._stat() != self._seen:
-                self.reload()
+            self.poll()

@@ -130,6 +130,12 @@ class PartnerProfile:
         """Whether `key` is this partner's API key, compared in constant time."""
         return hmac.compare_digest(hash_api_key(key), self.api_key_sha256)
 
+    def mapped(self, segment_ids: Iterable[str]) -> set[str]:
+        """The partner's ids for the granted subset of `segment_ids`, uncapped (exports)."""
+        return {
+            self.segment_id_map.get(s, s) for s in self.granted_segments.intersection(segment_ids)
+        }
+
     def view(self, segment_ids: Iterable[str]) -> list[str]:
         """The partner's ids for the granted subset of `segment_ids`.
 

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_ingest)
     p = sub.add_parser("lookup", help="serve segment lookups over HTTP")
     p.set_defaults(func=_lookup)
+    p = sub.add_parser("destinations", help="export partners' segment changes (partner file)")
+    p.set_defaults(func=_destinations)
     p = sub.add_parser("topics", help="create the Kafka topics (idempotent)")
     p.set_defaults(func=_topics)
     p = sub.add_parser("demo-events", help="produce a small synthetic event stream")
@@ -78,6 +80,21 @@ def _lookup(args: argparse.Namespace, settings: Settings) -> int:
     if rules is None:
         return 2
     asyncio.run(serve_lookup(settings, rules))
+    return 0
+
+
+def _destinations(args: argparse.Namespace, settings: Settings) -> int:
+    from bidder_adapter.partner_file import PartnerFileError
+    from dmp.destinations_service import serve_destinations
+
+    rules = _load_rules(settings)
+    if rules is None:
+        return 2
+    try:
+        asyncio.run(serve_destinations(settings, rules))
+    except PartnerFileError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -64,6 +64,7 @@ class PartnerSettings:
     # Hex SHA-256 of the key for POST /v1/admin/partners/reload; empty disables it.
     admin_key_sha256: str = ""
     destination_state_prefix: str = "dest"
+    destinations_metrics_port: int = 0
 
 
 @dataclass(frozen=True)

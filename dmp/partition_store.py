@@ -135,10 +135,17 @@ class PartitionStore:
 
     def _change_entry(self, plan: BatchPlan, produced_at: float) -> bytes:
         p = self.keys.partition
+        changed = {loc for ls in (*plan.added.values(), *plan.removed.values()) for loc in ls}
         doc: dict[str, Any] = {
             "a": {s: [position(p, loc) for loc in ls] for s, ls in plan.added.items()},
             "r": {s: [position(p, loc) for loc in ls] for s, ls in plan.removed.items()},
             "n": [[position(p, loc), h] for loc, h in plan.new_ids],
+            # Cookie ids of the positions above, so exports (dmp.destinations) can name users.
+            "u": [
+                [position(p, st.local), uid]
+                for uid, st in plan.states.items()
+                if st.local in changed
+            ],
             "t": produced_at,
             "w": time.time(),
         }
