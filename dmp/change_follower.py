@@ -191,7 +191,7 @@ class ChangeFollower:
             for segment_id in self.replica.rules.base_segment_ids:
                 self._count(segment_id, 0)
         for segment_id in self._changed_populations:
-            self.metrics.segment_members.labels(segment_id).set(self.populations[segment_id])
+            self.metrics.segment_members.set(segment_id, self.populations[segment_id])
         self._changed_populations.clear()
         if time.monotonic() - self._sized_at >= SIZE_INTERVAL:
             self._sized_at = time.monotonic()

@@ -32,12 +32,12 @@ async def test_requests_are_timed_by_route_status_and_partner(
         }
     )
 
-    async def answered_for_acme(request: web.Request) -> web.Response:
-        request[PARTNER_LABEL] = "acme-dsp"
+    async def answered_for_a_partner(request: web.Request) -> web.Response:
+        request[PARTNER_LABEL] = "test-partner"
         return web.json_response({}, headers={"X-Dmp-Outcome": "tmax"})
 
     app = create_lookup_app(settings, rules)
-    app.router.add_get("/test/acme", answered_for_acme)
+    app.router.add_get("/test/partner", answered_for_a_partner)
     client = await aiohttp_client(app)
     metrics = app[METRICS]
 
@@ -77,6 +77,6 @@ async def test_requests_are_timed_by_route_status_and_partner(
     assert sum(float(line.rsplit(" ", 1)[1]) for line in deadline_lines) == 1
 
     # A handler that authenticated a partner labels the request with it.
-    assert (await client.get("/test/acme")).status == 200
-    assert count("/test/acme", "200", partner="acme-dsp") == 1
-    assert value(metrics, "dmp_lookup_deadline_empty_answers_total", partner="acme-dsp") == 1
+    assert (await client.get("/test/partner")).status == 200
+    assert count("/test/partner", "200", partner="test-partner") == 1
+    assert value(metrics, "dmp_lookup_deadline_empty_answers_total", partner="test-partner") == 1

@@ -33,7 +33,6 @@ UNITLESS_GAUGES = {
     "dmp_lookup_ready",
     "dmp_replica_memberships",
     "dmp_replica_cookies",
-    "dmp_replica_segment_members",
 }
 FORBIDDEN_LABELS = {"uid", "user", "user_id", "cookie", "cookie_id", "id", "ip", "url"}
 
@@ -79,6 +78,19 @@ def test_rule_set_info_shows_the_version_prefix() -> None:
     assert 'dmp_rule_set_info{version="0123456789ab"} 1.0' in metrics.render().decode()
 
 
+def test_segment_populations_render_like_prometheus_client() -> None:
+    """The hand-rendered family parses as the same samples, odd characters included."""
+    metrics = LookupMetrics.create()
+    odd = 'quote"back\\slash\nnewline'
+    for segment, members in (("geo_socal", 3), (odd, 7), ("geo_socal", 4)):
+        metrics.segment_members.set(segment, members)
+    samples = _samples(metrics.render())
+    assert samples[("dmp_replica_segment_members", (("segment", "geo_socal"),))] == 4
+    assert samples[("dmp_replica_segment_members", (("segment", odd),))] == 7
+    families = {f.name: f.type for f in text_string_to_metric_families(metrics.render().decode())}
+    assert families["dmp_replica_segment_members"] == "gauge"
+
+
 def test_revoked_partition_lag_disappears() -> None:
     metrics = IngestMetrics.create()
     metrics.consumer_lag.labels("3").set(42)
@@ -99,7 +111,7 @@ WORKER = textwrap.dedent(
         m.request_seconds.labels("/v1/users/{uid}/segments", "200", NO_PARTNER).observe(0.0004)
     m.in_flight.inc()
     m.ready.set(ready)
-    m.segment_members.labels("geo_socal").set(members)
+    m.segment_members.set("geo_socal", members)
     m.set_rule_set("abcdef0123456789")
     """
 )
@@ -150,12 +162,15 @@ def test_several_processes_share_one_exposition(tmp_path: Path) -> None:
     settings = Settings.from_env({"PROMETHEUS_MULTIPROC_DIR": str(folder)})
     assert settings.prometheus_multiproc_dir == folder
     reader = LookupMetrics.create(multiproc_dir=settings.prometheus_multiproc_dir)
-    samples = _samples(reader.render())
+    reader.segment_members.set("geo_socal", 11)  # the scraped worker's own replica
+    body = reader.render()
+    samples = _samples(body)
     route = (("endpoint", "/v1/users/{uid}/segments"), ("partner", "none"), ("status", "200"))
     assert samples[("dmp_lookup_request_duration_seconds_count", route)] == 5
     assert samples[("dmp_lookup_requests_in_flight", ())] == 2  # livesum
     assert samples[("dmp_lookup_ready", ())] == 0  # livemin: one worker not ready
-    assert samples[("dmp_replica_segment_members", (("segment", "geo_socal"),))] == 12
+    assert samples[("dmp_replica_segment_members", (("segment", "geo_socal"),))] == 11
+    assert body.count(b"dmp_replica_segment_members{") == 1
     assert samples[("dmp_rule_set_info", (("version", "abcdef012345"),))] == 1
     assert not any(name.startswith("process_") for name, _ in samples)
 
