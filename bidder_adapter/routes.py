@@ -49,6 +49,7 @@ from bidder_adapter.sync_routes import add_sync_routes
 from dmp.config import Settings
 from dmp.match_table import MAX_PARTNER_UID_LENGTH, MatchTable, MatchTableStore, check_ttl_days
 from dmp.match_table_follower import MatchTableFollower, MatchTableMetrics
+from dmp.metrics import PARTNER_LABEL
 from dmp.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,10 @@ def presented_key(request: web.Request) -> str | None:
 def _authenticate(request: web.Request) -> tuple[PartnerConfig, PartnerProfile | None]:
     config = request.app[PARTNERS].current
     key = presented_key(request)
-    return config, (config.profiles.by_api_key(key) if key else None)
+    profile = config.profiles.by_api_key(key) if key else None
+    if profile is not None:
+        request[PARTNER_LABEL] = profile.partner_id  # the app's request metrics, by partner
+    return config, profile
 
 
 def _unauthorized(config: PartnerConfig) -> web.Response:

@@ -1,0 +1,205 @@
+"""An asyncio client for a Python bidder's bid path: enrich a bid request, or ask for a user.
+
+    async with DmpClient(ClientConfig(base_url="http://dmp:8080", api_key=KEY)) as dmp:
+        fragment = await dmp.enrich(bid_request)  # {"user": {"data": [...]}} or {}
+
+Never raises and never waits past its deadline: `tmax` (from the call or the request) less
+a safety margin. A timeout, a refused connection, an HTTP error or an unreadable answer all
+give the empty answer, count against a circuit breaker, and are counted in metrics. While
+the breaker is open the client answers empty at once, without touching the network.
+Connections are kept alive in one pool (aiohttp), so a call costs one round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Literal
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from bidder_adapter.breaker import STATE_VALUES, CircuitBreaker
+
+log = logging.getLogger(__name__)
+Outcome = Literal["ok", "empty", "timeout", "error", "circuit_open", "no_time"]
+OUTCOMES: Final[tuple[Outcome, ...]] = (
+    "ok",
+    "empty",
+    "timeout",
+    "error",
+    "circuit_open",
+    "no_time",
+)
+CLIENT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    base_url: str
+    api_key: str
+    margin_ms: float = 5.0  # kept back from tmax for our own work after the answer
+    default_tmax_ms: float = 50.0  # when neither the call nor the request gives tmax
+    failure_threshold: int = 5
+    reset_after_seconds: float = 5.0
+    pool_size: int = 64
+    keepalive_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class ClientMetrics:
+    calls: Counter
+    seconds: Histogram
+    circuit: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> ClientMetrics:
+        r = registry or CollectorRegistry()
+        calls = Counter(
+            "dmp_client_calls_total",
+            "Calls by outcome: ok, empty (nothing for this user), timeout, error, "
+            "circuit_open (not sent), no_time (deadline already past).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in OUTCOMES:
+            calls.labels(outcome)
+        return cls(
+            calls=calls,
+            seconds=Histogram(
+                "dmp_client_call_duration_seconds",
+                "Time of calls that went out, whatever their outcome.",
+                buckets=CLIENT_BUCKETS,
+                registry=r,
+            ),
+            circuit=Gauge("dmp_client_circuit_state", "0 closed, 1 half-open, 2 open.", registry=r),
+        )
+
+
+class _BadAnswer(Exception):
+    pass
+
+
+class DmpClient:
+    def __init__(self, config: ClientConfig, metrics: ClientMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or ClientMetrics.create()
+        self.breaker = CircuitBreaker(config.failure_threshold, config.reset_after_seconds)
+        self._base = config.base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {config.api_key}"}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> DmpClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.config.pool_size, keepalive_timeout=self.config.keepalive_seconds
+            )
+            self._session = aiohttp.ClientSession(connector=connector)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    def _budget(self, tmax_ms: float | None, request: object = None) -> float:
+        """Seconds we may spend: tmax (the call's, else the request's) less the margin."""
+        if tmax_ms is None and isinstance(request, Mapping):
+            value = request.get("tmax")
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                tmax_ms = float(value)
+        if tmax_ms is None:
+            tmax_ms = self.config.default_tmax_ms
+        return (tmax_ms - self.config.margin_ms) / 1000.0
+
+    async def enrich(
+        self, request: Mapping[str, Any] | bytes, *, tmax_ms: float | None = None
+    ) -> dict[str, Any]:
+        """Our `{"user": {"data": [...]}}` fragment for this bid request, or `{}`."""
+        try:
+            body = request if isinstance(request, bytes) else orjson.dumps(request)
+        except TypeError:
+            self._count("error")
+            return {}
+        parsed = None if isinstance(request, bytes) else request
+        doc = await self._call(
+            "POST", "/v1/openrtb/enrich?mode=fragment", body, self._budget(tmax_ms, parsed)
+        )
+        if not isinstance(doc, dict):
+            return {}
+        return doc
+
+    async def segments(
+        self, user_id: str, *, id_type: str = "cookie", tmax_ms: float | None = None
+    ) -> list[str]:
+        """The partner's segment ids for one user (our cookie id or their buyeruid), or []."""
+        path = f"/v1/partner/users/{quote(user_id, safe='')}/segments?id_type={quote(id_type)}"
+        doc = await self._call("GET", path, None, self._budget(tmax_ms))
+        if not isinstance(doc, dict):
+            return []
+        if isinstance(doc.get("segments"), list):
+            return [s for s in doc["segments"] if isinstance(s, str)]
+        ids: list[str] = []
+        for data in doc.get("data", []) if isinstance(doc.get("data"), list) else []:
+            for segment in data.get("segment", []) if isinstance(data, dict) else []:
+                if isinstance(segment, dict) and isinstance(segment.get("id"), str):
+                    ids.append(segment["id"])
+        return ids
+
+    async def _call(self, method: str, path: str, body: bytes | None, budget: float) -> object:
+        """The decoded JSON answer, or None after counting why there is none."""
+        if budget <= 0:
+            self._count("no_time")
+            return None
+        if not self.breaker.allow():
+            self._count("circuit_open")
+            return None
+        await self.start()
+        assert self._session is not None
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(budget):
+                async with self._session.request(
+                    method, self._base + path, data=body, headers=self._headers
+                ) as response:
+                    raw = await response.read()
+                    if response.status != 200:
+                        raise _BadAnswer(f"HTTP {response.status}")
+            doc = orjson.loads(raw)
+        except TimeoutError:
+            self._failed("timeout", started)
+            return None
+        except (aiohttp.ClientError, orjson.JSONDecodeError, _BadAnswer, OSError) as exc:
+            log.debug("dmp call failed: %s", exc)
+            self._failed("error", started)
+            return None
+        self.breaker.success()
+        self.metrics.seconds.observe(time.perf_counter() - started)
+        self._count("ok" if doc else "empty")
+        return doc
+
+    def _failed(self, outcome: Outcome, started: float) -> None:
+        self.breaker.failure()
+        self.metrics.seconds.observe(time.perf_counter() - started)
+        self._count(outcome)
+
+    def _count(self, outcome: Outcome) -> None:
+        self.metrics.calls.labels(outcome).inc()
+        self.metrics.circuit.set(STATE_VALUES[self.breaker.state])
