@@ -60,7 +60,7 @@ def plan_batch(
             plan.next_local += 1
             touched[uid] = state
             before[uid] = frozenset()
-        rules.record(state.history, event["ts"], rules.matching_traits(event), now)
+        rules.record(state.history, event["ts"], rules.matching_traits(event), now, event)
         plan.applied_events += 1
 
     for uid in due_uids:

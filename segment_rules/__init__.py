@@ -2,8 +2,9 @@
 
 from segment_rules.compiler import CompiledRules, Evaluation, History
 from segment_rules.errors import RuleError, RuleFileError
-from segment_rules.model import RuleSet, Segment
+from segment_rules.model import RuleSet, RuleWarning, Segment
 from segment_rules.parser import load_rules_file, parse_rules
+from segment_rules.taxonomy import Taxonomy, load_taxonomy, parse_taxonomy
 
 __all__ = [
     "CompiledRules",
@@ -12,7 +13,11 @@ __all__ = [
     "RuleError",
     "RuleFileError",
     "RuleSet",
+    "RuleWarning",
     "Segment",
+    "Taxonomy",
     "load_rules_file",
+    "load_taxonomy",
     "parse_rules",
+    "parse_taxonomy",
 ]

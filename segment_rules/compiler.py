@@ -1,43 +1,59 @@
-"""RuleSet -> CompiledRules: event tests as closures, history kept per trait.
+"""RuleSet -> CompiledRules: an event index, bounded per-cookie state, exact evaluation.
 
-A *trait* is one distinct ``where:`` test. Every rule that uses the same test
-shares its history, so a cookie's state grows with distinct tests, not rules.
+A *test* is one distinct ``where:`` predicate; ``matching_traits`` returns the ids of the
+tests an event passes (through segment_rules.event_index). A *trait* is one piece of
+per-cookie state fed by tests: event times (counts, recency, sequences, windowed scores),
+[time, value] pairs (sums, averages), [first, last] (first seen), [time, score] (decaying
+scores) or [completion time] (sequences). Rules that use the same test share its times, so a
+cookie's state grows with distinct tests, not rules. A times trait's id is its test's id,
+as in rules v1, so stored history survives the upgrade.
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
+from segment_rules.canonical import predicate_form, short_hash, trait_id
+from segment_rules.event_index import EventIndex
+from segment_rules.event_tests import Event, compile_predicate
 from segment_rules.graph import evaluate_composite, topological_order
+from segment_rules.interpreter import number_at
 from segment_rules.model import (
+    Aggregate,
     All,
     Condition,
     CountWithin,
-    FieldTest,
+    FirstSeenWithin,
+    Leaf,
     Not,
+    NotSeenWithin,
     Predicate,
     RuleSet,
+    Score,
     Segment,
+    SequenceRule,
 )
 
-Event = Mapping[str, Any]
-EventTest = Callable[[Event], bool]
-# trait id -> ascending event timestamps (seconds since the epoch)
-History = dict[str, list[float]]
+# trait id -> its state (see the module docstring); JSON-serialisable, stored per cookie.
+History = dict[str, list[Any]]
+
+TIMES, VALUES, FIRST, DECAY, DONE = "times", "values", "first", "decay", "done"
+MAX_VALUES = 256  # [time, value] pairs kept per sum/average trait: a cookie past it is a bot
+SEQUENCE_KEEP = 32  # event times kept per sequence step
+
+__all__ = ["CompiledRules", "Evaluation", "History", "Trait", "compile_predicate", "trait_id"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Trait:
     id: str
-    test: EventTest
-    keep: int
-    keep_for: float
+    kind: str
+    keep: int  # entries kept (times and values kinds)
+    keep_for: float  # seconds an entry is kept after its event time
 
 
 @dataclass(frozen=True)
@@ -46,137 +62,218 @@ class Evaluation:
     next_change: float | None
 
 
-def trait_id(pred: Predicate) -> str:
-    """A stable id for a test, so stored history survives unrelated rule edits."""
-    return hashlib.sha1(orjson.dumps(_canonical(pred)), usedforsecurity=False).hexdigest()[:12]
+@dataclass(frozen=True)
+class _Update:
+    """What one matching test does to one trait."""
+
+    trait: Trait
+    points: float = 0.0
+    path: tuple[str, ...] = ()
+    steps: tuple[str, ...] = ()  # a sequence's step tests (their times traits)
+    span: float = 0.0
+    half_life: float = 0.0
 
 
-def _canonical(pred: Predicate) -> object:
-    if isinstance(pred, FieldTest):
-        value = pred.value
-        if isinstance(value, frozenset):
-            value = sorted(value, key=repr)  # type: ignore[assignment]  # list for JSON
-        return [".".join(pred.path), pred.op, value]
-    if isinstance(pred, Not):
-        return ["not", _canonical(pred.part)]
-    tag = "all" if isinstance(pred, All) else "any"
-    return [tag, *(_canonical(p) for p in pred.parts)]
-
-
-def _field_values(event: Event, path: tuple[str, ...]) -> list[object]:
-    node: object = event
-    for key in path:
-        if not isinstance(node, Mapping):
-            return []
-        node = node.get(key)
-        if node is None:
-            return []
-    return list(node) if isinstance(node, list) else [node]
-
-
-def compile_predicate(pred: Predicate) -> EventTest:
-    if isinstance(pred, FieldTest):
-        path, op, want = pred.path, pred.op, pred.value
-        if op == "equals":
-            return lambda e: any(v == want for v in _field_values(e, path))
-        if op == "in":
-            assert isinstance(want, frozenset)
-            return lambda e: any(_hashable(v) and v in want for v in _field_values(e, path))
-        assert isinstance(want, str)
-        return lambda e: any(
-            isinstance(v, str) and v.startswith(want) for v in _field_values(e, path)
-        )
-    if isinstance(pred, Not):
-        inner = compile_predicate(pred.part)
-        return lambda e: not inner(e)
-    parts = [compile_predicate(p) for p in pred.parts]
-    if isinstance(pred, All):
-        return lambda e: all(p(e) for p in parts)
-    return lambda e: any(p(e) for p in parts)
-
-
-def _hashable(value: object) -> bool:
-    return isinstance(value, str | int | float | bool)
-
-
-def _leaves(cond: Condition) -> Iterable[CountWithin]:
-    if isinstance(cond, CountWithin):
-        yield cond
-    elif isinstance(cond, Not):
+def _leaves(cond: Condition) -> Iterator[Leaf]:
+    if isinstance(cond, Not):
         yield from _leaves(cond.part)
-    else:
+    elif isinstance(cond, All) or not isinstance(
+        cond, CountWithin | NotSeenWithin | FirstSeenWithin | Aggregate | SequenceRule | Score
+    ):
         for part in cond.parts:
             yield from _leaves(part)
+    else:
+        yield cond
+
+
+def _state_id(kind: str, *form: object) -> str:
+    return short_hash([kind, *form])
 
 
 class CompiledRules:
-    """What ingest and lookup run: event -> traits, history -> memberships."""
+    """What ingest and lookup run: event -> tests, history -> memberships."""
 
     def __init__(self, ruleset: RuleSet) -> None:
         self.ruleset = ruleset
         self.version = ruleset.version
-        keep: dict[str, int] = {}
-        keep_for: dict[str, float] = {}
-        tests: dict[str, EventTest] = {}
+        self._traits: dict[str, Trait] = {}
+        self._tests: dict[str, Predicate] = {}
+        self._updates: dict[str, list[_Update]] = {}
+        self._leaf_ids: dict[int, tuple[str, ...]] = {}  # id(leaf) -> its traits
         self._segment_traits: dict[str, tuple[str, ...]] = {}
         for seg in ruleset.base_segments:
             assert seg.rule is not None
-            ids = []
+            ids: list[str] = []
             for leaf in _leaves(seg.rule):
-                tid = trait_id(leaf.where)
-                ids.append(tid)
-                tests.setdefault(tid, compile_predicate(leaf.where))
-                keep[tid] = max(keep.get(tid, 0), leaf.at_least)
-                keep_for[tid] = max(keep_for.get(tid, 0.0), leaf.within)
+                leaf_ids = self._compile_leaf(leaf)
+                self._leaf_ids[id(leaf)] = leaf_ids
+                ids.extend(leaf_ids)
             self._segment_traits[seg.id] = tuple(dict.fromkeys(ids))
-        self.traits = tuple(Trait(t, tests[t], keep[t], keep_for[t]) for t in tests)
+        for seg in ruleset.base_segments:
+            if seg.ttl is not None:
+                for tid in self._segment_traits[seg.id]:
+                    trait = self._traits[tid]
+                    if trait.kind in (TIMES, VALUES, DONE):  # the others' memory is semantic
+                        trait.keep_for = max(trait.keep_for, seg.ttl)
+        self.traits = tuple(self._traits.values())
+        self._index = EventIndex(self._tests)
         self._active_base = tuple(s for s in ruleset.base_segments if s.status == "active")
+        self._by_trait: dict[str, list[int]] = {}
+        for n, seg in enumerate(self._active_base):
+            for tid in self._segment_traits[seg.id]:
+                self._by_trait.setdefault(tid, []).append(n)
         self._composites = tuple(
             s
             for s in topological_order(ruleset.segments)
             if s.of is not None and s.status == "active"
         )
 
+    # -- building -----------------------------------------------------------------------------
+    def _trait(self, tid: str, kind: str, keep: int, keep_for: float) -> Trait:
+        trait = self._traits.get(tid)
+        if trait is None:
+            trait = self._traits[tid] = Trait(tid, kind, keep, keep_for)
+        else:
+            trait.keep = max(trait.keep, keep)
+            trait.keep_for = max(trait.keep_for, keep_for)
+        return trait
+
+    def _test(self, pred: Predicate) -> str:
+        tid = trait_id(pred)
+        self._tests.setdefault(tid, pred)
+        return tid
+
+    def _on(self, test: str, update: _Update) -> None:
+        updates = self._updates.setdefault(test, [])
+        if update not in updates:
+            updates.append(update)
+
+    def _times(self, pred: Predicate, keep: int, keep_for: float) -> str:
+        test = self._test(pred)
+        self._on(test, _Update(self._trait(test, TIMES, keep, keep_for)))
+        return test
+
+    def _compile_leaf(self, leaf: Leaf) -> tuple[str, ...]:
+        if isinstance(leaf, CountWithin):
+            keep = leaf.at_least if leaf.at_most is None else leaf.at_most + 1
+            return (self._times(leaf.where, max(keep, 1), leaf.within),)
+        if isinstance(leaf, NotSeenWithin):
+            return (self._times(leaf.where, 1, leaf.lookback),)
+        if isinstance(leaf, FirstSeenWithin):
+            tid = _state_id(FIRST, leaf.memory, predicate_form(leaf.where))
+            self._on(self._test(leaf.where), _Update(self._trait(tid, FIRST, 2, leaf.memory)))
+            return (tid,)
+        if isinstance(leaf, Aggregate):
+            tid = _state_id(VALUES, ".".join(leaf.path), predicate_form(leaf.where))
+            trait = self._trait(tid, VALUES, MAX_VALUES, leaf.within)
+            self._on(self._test(leaf.where), _Update(trait, path=leaf.path))
+            return (tid,)
+        if isinstance(leaf, SequenceRule):
+            steps = tuple(
+                self._times(s, SEQUENCE_KEEP, leaf.within + leaf.span) for s in leaf.steps
+            )
+            tid = _state_id(DONE, leaf.span, [predicate_form(s) for s in leaf.steps])
+            update = _Update(self._trait(tid, DONE, 1, leaf.within), steps=steps, span=leaf.span)
+            for step in steps:
+                self._on(step, update)
+            return (*steps, tid)
+        if leaf.within is not None:
+            return tuple(
+                self._times(e.where, math.ceil(leaf.at_least / e.points), leaf.within)
+                for e in leaf.entries
+            )
+        assert leaf.half_life is not None
+        forms = sorted(([e.points, predicate_form(e.where)] for e in leaf.entries), key=repr)
+        tid = _state_id(DECAY, leaf.half_life, leaf.memory, forms)
+        trait = self._trait(tid, DECAY, 2, leaf.memory)
+        for entry in leaf.entries:
+            update = _Update(trait, points=entry.points, half_life=leaf.half_life)
+            self._updates.setdefault(self._test(entry.where), []).append(update)
+        return (tid,)
+
+    # -- ingest -------------------------------------------------------------------------------
     @property
     def base_segment_ids(self) -> tuple[str, ...]:
         return tuple(s.id for s in self.ruleset.base_segments)
 
     def matching_traits(self, event: Event) -> list[str]:
-        return [t.id for t in self.traits if t.test(event)]
+        """The ids of the tests ``event`` passes (only candidate tests are run)."""
+        return self._index.match(event)
 
-    def record(self, history: History, ts: float, trait_ids: Iterable[str], now: float) -> None:
-        """Add one event's matches to the history and drop what no rule can still use."""
-        by_id = {t.id: t for t in self.traits}
-        for tid in trait_ids:
-            trait = by_id[tid]
-            if ts <= now - trait.keep_for:
-                continue  # too late to count anywhere
-            stamps = history.setdefault(tid, [])
-            bisect.insort(stamps, ts)
-            self._prune(stamps, trait, now)
+    def record(
+        self,
+        history: History,
+        ts: float,
+        trait_ids: Iterable[str],
+        now: float,
+        event: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Add one event's matches to the history and drop what no rule can still use.
+
+        ``event`` is needed when a sum or average reads a value from it.
+        """
+        done: list[_Update] = []
+        for test in trait_ids:
+            for update in self._updates.get(test, ()):
+                trait = update.trait
+                if ts <= now - trait.keep_for:
+                    continue  # too late to count anywhere
+                kind = trait.kind
+                if kind == TIMES:
+                    stamps = history.setdefault(trait.id, [])
+                    bisect.insort(stamps, ts)
+                    _cut(stamps, trait, now)
+                elif kind == VALUES:
+                    if event is None:
+                        raise ValueError("record() needs the event: a sum/average reads it")
+                    value = number_at(event, update.path)
+                    if value is not None:
+                        entries = history.setdefault(trait.id, [])
+                        bisect.insort(entries, [ts, value])
+                        _cut(entries, trait, now)
+                elif kind == FIRST:
+                    state = history.get(trait.id)
+                    if state is None or state[1] <= now - trait.keep_for:
+                        history[trait.id] = [ts, ts]
+                    else:
+                        state[0], state[1] = min(state[0], ts), max(state[1], ts)
+                elif kind == DECAY:
+                    _add_points(history, trait, update, ts, now)
+                elif update not in done:
+                    done.append(update)
+        for update in done:  # after every step's time is in
+            completed = _latest_completion([history.get(s, []) for s in update.steps], update.span)
+            trait = update.trait
+            if completed is not None and completed > now - trait.keep_for:
+                state = history.get(trait.id)
+                if state is None or completed > state[0]:
+                    history[trait.id] = [completed]
 
     def prune(self, history: History, now: float) -> None:
-        by_id = {t.id: t for t in self.traits}
         for tid in list(history):
-            trait = by_id.get(tid)
+            trait = self._traits.get(tid)
             if trait is None:
-                del history[tid]  # no rule uses this test any more
+                del history[tid]  # no rule uses this state any more
                 continue
-            self._prune(history[tid], trait, now)
-            if not history[tid]:
+            state = history[tid]
+            if trait.kind in (TIMES, VALUES):
+                _cut(state, trait, now)
+            elif not state or state[-1 if trait.kind == FIRST else 0] <= now - trait.keep_for:
+                state.clear()
+            if not state:
                 del history[tid]
 
-    @staticmethod
-    def _prune(stamps: list[float], trait: Trait, now: float) -> None:
-        cut = bisect.bisect_right(stamps, now - trait.keep_for)
-        drop = max(cut, len(stamps) - trait.keep)
-        if drop > 0:
-            del stamps[:drop]
-
+    # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, history: History, now: float) -> Evaluation:
+        """Memberships at ``now`` and the earliest time they can change with no new event."""
+        candidates: set[int] = set()
+        for tid in history:
+            candidates.update(self._by_trait.get(tid, ()))
         members: set[str] = set()
         changes: list[float] = []
-        for seg in self._active_base:
+        # A rule never holds without its state (rules that would are refused at load time).
+        for n in sorted(candidates):
+            seg = self._active_base[n]
             assert seg.rule is not None
             if self._holds(seg.rule, history, now, changes) and self._within_ttl(
                 seg, history, now, changes
@@ -185,23 +282,57 @@ class CompiledRules:
         return Evaluation(frozenset(members), min(changes) if changes else None)
 
     def _holds(self, cond: Condition, history: History, now: float, changes: list[float]) -> bool:
-        if isinstance(cond, CountWithin):
-            stamps = history.get(trait_id(cond.where), [])
-            start = bisect.bisect_right(stamps, now - cond.within)
-            if start < len(stamps):
-                # The count can only drop when the oldest stamp in the window leaves it.
-                changes.append(stamps[start] + cond.within)
-            return len(stamps) - start >= cond.at_least
         if isinstance(cond, Not):
             return not self._holds(cond.part, history, now, changes)
-        results = [self._holds(p, history, now, changes) for p in cond.parts]
-        return all(results) if isinstance(cond, All) else any(results)
+        if isinstance(cond, All):
+            results = [self._holds(p, history, now, changes) for p in cond.parts]
+            return all(results)
+        if not isinstance(
+            cond, CountWithin | NotSeenWithin | FirstSeenWithin | Aggregate | SequenceRule | Score
+        ):
+            results = [self._holds(p, history, now, changes) for p in cond.parts]
+            return any(results)
+        ids = self._leaf_ids[id(cond)]
+        if isinstance(cond, CountWithin):
+            n = _count_within(history.get(ids[0], ()), now, cond.within, changes)
+            return cond.at_least <= n and (cond.at_most is None or n <= cond.at_most)
+        if isinstance(cond, NotSeenWithin):
+            return _lapsed(history.get(ids[0]), cond, now, changes)
+        if isinstance(cond, FirstSeenWithin):
+            state = history.get(ids[0])
+            if not state or state[1] <= now - cond.memory:
+                return False
+            if state[0] > now - cond.within:
+                changes.append(state[0] + cond.within)
+                return True
+            return False
+        if isinstance(cond, Aggregate):
+            return _aggregate(history.get(ids[0], ()), cond, now, changes)
+        if isinstance(cond, SequenceRule):
+            state = history.get(ids[-1])
+            if state and state[0] > now - cond.within:
+                changes.append(state[0] + cond.within)
+                return True
+            return False
+        if cond.within is not None:
+            total = 0.0
+            for entry, tid in zip(cond.entries, ids, strict=True):
+                total += entry.points * _count_within(
+                    history.get(tid, ()), now, cond.within, changes
+                )
+            return total >= cond.at_least
+        return _decayed_holds(history.get(ids[0]), cond, now, changes)
 
     def _within_ttl(self, seg: Segment, history: History, now: float, changes: list[float]) -> bool:
         if seg.ttl is None:
             return True
         newest = max(
-            (history[t][-1] for t in self._segment_traits[seg.id] if history.get(t)), default=None
+            (
+                _last_time(self._traits[t].kind, history[t])
+                for t in self._segment_traits[seg.id]
+                if history.get(t)
+            ),
+            default=None,
         )
         if newest is None or newest + seg.ttl <= now:
             return False
@@ -216,3 +347,108 @@ class CompiledRules:
             if evaluate_composite(seg.of, members):
                 members.add(seg.id)
         return [s.id for s in self.ruleset.segments if s.id in members]
+
+
+# -- state helpers ---------------------------------------------------------------------------------
+def _time(entry: Any) -> float:
+    return float(entry[0]) if isinstance(entry, list) else float(entry)
+
+
+def _cut(entries: list[Any], trait: Trait, now: float) -> None:
+    """Drop entries older than the trait keeps them, and all but the newest ``keep``."""
+    cut = bisect.bisect_right(entries, now - trait.keep_for, key=_time)
+    drop = max(cut, len(entries) - trait.keep)
+    if drop > 0:
+        del entries[:drop]
+
+
+def _last_time(kind: str, state: list[Any]) -> float:
+    if kind == FIRST:
+        return float(state[1])
+    if kind in (DECAY, DONE):
+        return float(state[0])
+    return _time(state[-1])
+
+
+def _count_within(stamps: Any, now: float, within: float, changes: list[float]) -> int:
+    start = bisect.bisect_right(stamps, now - within)
+    if start < len(stamps):
+        # The count can only drop when the oldest time in the window leaves it.
+        changes.append(stamps[start] + within)
+    return len(stamps) - start
+
+
+def _lapsed(
+    stamps: list[float] | None, cond: NotSeenWithin, now: float, changes: list[float]
+) -> bool:
+    if not stamps:
+        return False
+    last = stamps[-1]
+    if last > now - cond.within:
+        changes.append(last + cond.within)  # lapses then
+        return False
+    if last > now - cond.lookback:
+        changes.append(last + cond.lookback)  # forgotten then
+        return True
+    return False
+
+
+def _aggregate(entries: Any, cond: Aggregate, now: float, changes: list[float]) -> bool:
+    start = bisect.bisect_right(entries, now - cond.within, key=_time)
+    if start < len(entries):
+        changes.append(entries[start][0] + cond.within)
+    values = [v for _, v in entries[start:]]
+    if cond.func == "sum":
+        x = math.fsum(values)
+    elif values:
+        x = math.fsum(values) / len(values)
+    else:
+        return False
+    return (cond.at_least is None or x >= cond.at_least) and (
+        cond.at_most is None or x <= cond.at_most
+    )
+
+
+def _add_points(history: History, trait: Trait, update: _Update, ts: float, now: float) -> None:
+    state = history.get(trait.id)
+    if state is None or state[0] <= now - trait.keep_for:
+        history[trait.id] = [ts, update.points]
+        return
+    ref, score = state
+    if ts >= ref:
+        history[trait.id] = [ts, score * math.exp2(-(ts - ref) / update.half_life) + update.points]
+    else:
+        state[1] = score + update.points * math.exp2(-(ref - ts) / update.half_life)
+
+
+def _decayed_holds(
+    state: list[float] | None, cond: Score, now: float, changes: list[float]
+) -> bool:
+    if not state or state[0] <= now - cond.memory or state[1] <= 0:
+        return False
+    assert cond.half_life is not None
+    ref, score = state
+    # Compare times, not scores: at the crossing time the cookie is out, exactly once.
+    crossing = ref + cond.half_life * math.log2(score / cond.at_least)
+    if now < crossing:
+        changes.append(min(crossing, ref + cond.memory))
+        return True
+    return False
+
+
+def _latest_completion(steps: list[list[float]], span: float) -> float | None:
+    """The latest time the last step completes the sequence: for each last-step time,
+    newest first, walk back taking the newest earlier time of each step (which leaves the
+    most room), and accept when the first step is within ``span``."""
+    *before, last = steps
+    for end in reversed(last):
+        t = end
+        for stamps in reversed(before):
+            i = bisect.bisect_left(stamps, t) - 1
+            if i < 0:
+                t = -math.inf
+                break
+            t = stamps[i]
+        if end - t <= span:
+            return end
+    return None

@@ -18,12 +18,22 @@ KNOWN_FIELDS: dict[tuple[str, ...], str] = {
 # Anything below these is free-form and typed by the event itself.
 FREE_PREFIXES: tuple[str, ...] = ("attrs",)
 
+# Event types of event format v1: a rule on another type could never match.
+EVENT_TYPES: tuple[str, ...] = (
+    "page_view",
+    "click",
+    "conversion",
+    "impression",
+    "search",
+    "video_view",
+)
+
 
 def field_kind(path: tuple[str, ...]) -> str | None:
     """'str', 'list', 'any' for a free-form field, or None for an unknown one."""
     if path in KNOWN_FIELDS:
         return KNOWN_FIELDS[path]
-    if len(path) >= 2 and path[0] in FREE_PREFIXES:
+    if len(path) >= 2 and path[0] in FREE_PREFIXES and all(path):
         return "any"
     return None
 

@@ -5,83 +5,93 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-from segment_rules.durations import parse_duration
+from segment_rules.checks import check_rules, rule_warnings
+from segment_rules.durations import format_duration
 from segment_rules.errors import RuleError, RuleFileError
-from segment_rules.fields import field_kind, known_field_names
 from segment_rules.graph import check_composites
 from segment_rules.model import (
-    All,
-    AnyOf,
+    DEFAULT_MAX_TTL,
     Composite,
-    Condition,
-    CountWithin,
-    FieldTest,
-    Not,
-    Predicate,
     RuleSet,
     Segment,
     SegmentRef,
     Status,
 )
+from segment_rules.parse_base import Invalid
+from segment_rules.parse_conditions import ConditionParser
+from segment_rules.taxonomy import Taxonomy
 from segment_rules.yaml_source import Loc, YNode, parse_yaml
 
 SEGMENT_ID = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-SEGMENT_KEYS = ("id", "name", "description", "owner", "iab_ids", "ttl", "status", "rule", "of")
-TOP_KEYS = ("version", "max_ttl", "segments")
-FIELD_OPS = ("equals", "in", "prefix")
-DEFAULT_MAX_TTL = 400 * 86400.0
-L = TypeVar("L")
+PARTNER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SEGMENT_KEYS = (
+    "id",
+    "name",
+    "description",
+    "owner",
+    "iab_ids",
+    "ttl",
+    "status",
+    "partners",
+    "rule",
+    "of",
+)
+TOP_KEYS = ("version", "retention", "max_ttl", "segments")
 
 
-class _Invalid(Exception):
-    """Raised inside the walk after an error has been recorded, to skip the broken part."""
-
-
-def load_rules_file(path: str | Path) -> RuleSet:
+def load_rules_file(path: str | Path, taxonomy: Taxonomy | None = None) -> RuleSet:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RuleFileError([RuleError(str(p), 1, 1, f"cannot read the file: {exc}")]) from None
-    return parse_rules(text, str(p))
+    return parse_rules(text, str(p), taxonomy)
 
 
-def parse_rules(text: str, file: str = "<rules>") -> RuleSet:
+def parse_rules(text: str, file: str = "<rules>", taxonomy: Taxonomy | None = None) -> RuleSet:
+    """Validate a whole rule file. With ``taxonomy``, IAB ids are checked and ``under_iab``
+    tests are allowed; without it, ids are only checked to be positive whole numbers."""
     root = parse_yaml(text, file)
-    parser = _Parser(file)
+    parser = _Parser(file, taxonomy)
     segments = parser.document(root)
+    if not parser.errors:
+        parser.errors.extend(check_rules(segments))
     if parser.errors:
         raise RuleFileError(sorted(parser.errors, key=lambda e: (e.line, e.column)))
     version = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return RuleSet(file=file, version=version, segments=tuple(segments))
+    return RuleSet(
+        file=file,
+        version=version,
+        segments=tuple(segments),
+        retention=parser.retention,
+        max_ttl=parser.max_ttl,
+        warnings=tuple(rule_warnings(segments)),
+    )
 
 
-class _Parser:
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.errors: list[RuleError] = []
-
-    def fail(self, loc: Loc, message: str) -> _Invalid:
-        self.errors.append(loc.error(message))
-        return _Invalid()
+class _Parser(ConditionParser):
+    def __init__(self, file: str, taxonomy: Taxonomy | None) -> None:
+        super().__init__(file, taxonomy)
+        self.max_ttl = DEFAULT_MAX_TTL
+        self._partner_ids: dict[tuple[str, str], tuple[str, Loc]] = {}
 
     # -- document -------------------------------------------------------------------------
     def document(self, root: YNode) -> list[Segment]:
         if not root.is_mapping:
             self.fail(root.loc, "the file must be a mapping with a 'segments:' list")
             return []
-        self._unknown_keys(root, TOP_KEYS, "the top level")
+        self.unknown_keys(root, TOP_KEYS, "the top level")
         version = root.value.get("version")
         if version is not None and version.value != 1:
             self.fail(version.loc, f"unsupported rules version {version.value!r}; this DMP reads 1")
-        max_ttl = DEFAULT_MAX_TTL
         if "max_ttl" in root.value:
-            with contextlib.suppress(_Invalid):  # recorded; keep checking the rest
-                max_ttl = self._duration(root.value["max_ttl"])
+            with contextlib.suppress(Invalid):  # recorded; keep checking the rest
+                self.max_ttl = self.duration(root.value["max_ttl"])
+        if "retention" in root.value:
+            with contextlib.suppress(Invalid):
+                self.retention = self.duration(root.value["retention"])
         seg_list = root.value.get("segments")
         if seg_list is None:
             self.fail(root.loc, "missing 'segments:'; list the segments under it")
@@ -93,8 +103,8 @@ class _Parser:
         seen: dict[str, Loc] = {}
         for item in seg_list.value:
             try:
-                seg = self.segment(item, max_ttl)
-            except _Invalid:
+                seg = self.segment(item)
+            except Invalid:
                 continue
             if seg.id in seen:
                 self.fail(
@@ -108,12 +118,12 @@ class _Parser:
         self.errors.extend(check_composites(segments))
         return segments
 
-    def segment(self, node: YNode, max_ttl: float) -> Segment:
+    def segment(self, node: YNode) -> Segment:
         if not node.is_mapping:
             raise self.fail(
                 node.loc, "each segment must be a mapping with at least 'id' and 'rule' or 'of'"
             )
-        self._unknown_keys(node, SEGMENT_KEYS, "a segment")
+        self.unknown_keys(node, SEGMENT_KEYS, "a segment")
         values = node.value
         if "id" not in values:
             raise self.fail(node.loc, "the segment has no 'id'; add e.g. 'id: auto_new_car_intent'")
@@ -123,11 +133,11 @@ class _Parser:
                 values["id"].loc,
                 f"segment id {seg_id!r} must be lower-case letters, digits and '_', starting with a letter",
             )
-        name = self._text(values.get("name"), seg_id)
-        description = self._text(values.get("description"), "")
-        owner = self._text(values.get("owner"), "")
+        name = self.text(values.get("name"), seg_id)
+        description = self.text(values.get("description"), "")
+        owner = self.text(values.get("owner"), "")
         iab_ids = self._iab_ids(values.get("iab_ids"))
-        ttl = self._ttl(values.get("ttl"), max_ttl)
+        ttl = self._ttl(values.get("ttl"))
         status = self._status(values.get("status"))
         has_rule, has_of = "rule" in values, "of" in values
         if has_rule == has_of:
@@ -137,35 +147,27 @@ class _Parser:
             )
         rule = self.condition(values["rule"]) if has_rule else None
         of = self.composite(values["of"]) if has_of else None
-        return Segment(seg_id, name, description, owner, iab_ids, ttl, status, rule, of, node.loc)
+        partners = self._partners(values.get("partners"), seg_id)
+        return Segment(
+            seg_id, name, description, owner, iab_ids, ttl, status, rule, of, node.loc, partners
+        )
 
-    # -- scalars --------------------------------------------------------------------------
-    def _unknown_keys(self, node: YNode, allowed: tuple[str, ...], where: str) -> None:
-        for key, loc in node.key_locs.items():
-            if key not in allowed:
-                self.fail(loc, f"unknown key '{key}' in {where}; allowed: {', '.join(allowed)}")
-
-    def _text(self, node: YNode | None, default: str) -> str:
-        if node is None:
-            return default
-        if not isinstance(node.value, str):
-            raise self.fail(node.loc, f"expected text, got {node.value!r}")
-        return node.value
-
-    def _duration(self, node: YNode) -> float:
-        try:
-            return parse_duration(node.value)
-        except ValueError as exc:
-            raise self.fail(node.loc, str(exc)) from None
-
-    def _ttl(self, node: YNode | None, max_ttl: float) -> float | None:
+    # -- metadata -------------------------------------------------------------------------
+    def _ttl(self, node: YNode | None) -> float | None:
         if node is None:
             return None
-        ttl = self._duration(node)
-        if ttl > max_ttl:
+        ttl = self.duration(node)
+        if ttl > self.max_ttl:
             raise self.fail(
                 node.loc,
-                f"ttl {node.value} is over the maximum of {max_ttl / 86400:g}d; shorten it",
+                f"ttl {node.value} is over the maximum of {self.max_ttl / 86400:g}d; shorten it",
+            )
+        if ttl > self.retention:
+            raise self.fail(
+                node.loc,
+                f"ttl {node.value} is beyond the retention of {format_duration(self.retention)}; "
+                "the events that prove membership are forgotten by then: shorten it or raise "
+                "'retention:' at the top",
             )
         return ttl
 
@@ -191,101 +193,52 @@ class _Parser:
                 raise self.fail(
                     item.loc, f"IAB Audience Taxonomy ids are positive integers, got {item.value!r}"
                 )
+            if self.taxonomy is not None and item.value not in self.taxonomy:
+                raise self.fail(
+                    item.loc,
+                    f"{item.value} is not an IAB Audience Taxonomy 1.1 id; check the id "
+                    "(names and ids are in the taxonomy file)",
+                )
             ids.append(item.value)
         return tuple(ids)
 
-    # -- the three boolean languages ----------------------------------------------------------
-    def _boolean(
-        self, node: YNode, leaf: Callable[[YNode], L], what: str
-    ) -> L | All[L] | AnyOf[L] | Not[L]:
-        if node.is_mapping and len(node.value) == 1:
-            ((key, child),) = node.value.items()
-            if key in ("all", "any", "and", "or"):
-                if not child.is_sequence or not child.value:
-                    raise self.fail(child.loc, f"'{key}' takes a non-empty list of {what}")
-                parts = tuple(self._boolean(c, leaf, what) for c in child.value)
-                return All(parts) if key in ("all", "and") else AnyOf(parts)
-            if key == "not":
-                return Not(self._boolean(child, leaf, what))
-        return leaf(node)
-
-    def condition(self, node: YNode) -> Condition:
-        return self._boolean(node, self._count, "conditions")
-
-    def predicate(self, node: YNode) -> Predicate:
-        return self._boolean(node, self._field_test, "event tests")
+    def _partners(self, node: YNode | None, seg_id: str) -> tuple[tuple[str, str], ...]:
+        if node is None:
+            return ()
+        if not node.is_mapping:
+            raise self.fail(
+                node.loc, "'partners' maps partner ids to their segment ids, e.g. {dsp_a: '123'}"
+            )
+        pairs: list[tuple[str, str]] = []
+        for partner, value_node in node.value.items():
+            key_loc = node.key_locs[partner]
+            if not PARTNER_ID.match(partner):
+                raise self.fail(
+                    key_loc,
+                    f"partner id {partner!r} must be letters, digits, '_', '.' or '-'",
+                )
+            value = value_node.value
+            if isinstance(value, bool) or not isinstance(value, str | int) or str(value) == "":
+                raise self.fail(
+                    value_node.loc,
+                    f"the segment id for partner '{partner}' must be text or a number, got {value!r}",
+                )
+            theirs = str(value)
+            if len(theirs) > 128:
+                raise self.fail(value_node.loc, "a partner segment id is at most 128 characters")
+            first = self._partner_ids.get((partner, theirs))
+            if first is not None:
+                raise self.fail(
+                    value_node.loc,
+                    f"partner '{partner}' id '{theirs}' is already used by segment '{first[0]}' "
+                    f"(line {first[1].line}); each partner id must name one segment",
+                )
+            self._partner_ids[(partner, theirs)] = (seg_id, value_node.loc)
+            pairs.append((partner, theirs))
+        return tuple(pairs)
 
     def composite(self, node: YNode) -> Composite:
-        return self._boolean(node, self._segment_ref, "segment ids")
-
-    # -- leaves -------------------------------------------------------------------------------
-    def _count(self, node: YNode) -> CountWithin:
-        if not node.is_mapping or "where" not in node.value:
-            raise self.fail(
-                node.loc,
-                "a rule is 'at_least: N', 'within: <duration>' and 'where: <event test>', "
-                "or all/any/not of such rules",
-            )
-        self._unknown_keys(node, ("at_least", "within", "where"), "a rule")
-        at_least_node = node.value.get("at_least")
-        at_least = 1 if at_least_node is None else at_least_node.value
-        if isinstance(at_least, bool) or not isinstance(at_least, int) or at_least < 1:
-            loc = at_least_node.loc if at_least_node else node.loc
-            raise self.fail(
-                loc, f"'at_least' must be a whole number of events, 1 or more, got {at_least!r}"
-            )
-        if "within" not in node.value:
-            raise self.fail(node.loc, "a rule needs 'within: <duration>', e.g. 'within: 14d'")
-        within = self._duration(node.value["within"])
-        return CountWithin(at_least, within, self.predicate(node.value["where"]))
-
-    def _field_test(self, node: YNode) -> FieldTest:
-        if not node.is_mapping or "field" not in node.value:
-            raise self.fail(
-                node.loc,
-                "an event test is 'field: <name>' with one of equals/in/prefix, or all/any/not of tests",
-            )
-        self._unknown_keys(node, ("field", *FIELD_OPS), "an event test")
-        field_node = node.value["field"]
-        if not isinstance(field_node.value, str) or not field_node.value:
-            raise self.fail(field_node.loc, "'field' must be a field name such as 'geo.metro'")
-        path = tuple(field_node.value.split("."))
-        kind = field_kind(path)
-        if kind is None:
-            raise self.fail(
-                field_node.loc,
-                f"unknown field '{field_node.value}'; known fields: {known_field_names()}",
-            )
-        ops = [op for op in FIELD_OPS if op in node.value]
-        if len(ops) != 1:
-            raise self.fail(
-                node.loc,
-                f"give exactly one of {', '.join(FIELD_OPS)} for field '{field_node.value}'",
-            )
-        op = ops[0]
-        value_node = node.value[op]
-        if op == "in":
-            if not value_node.is_sequence or not value_node.value:
-                raise self.fail(value_node.loc, "'in' takes a non-empty list of values")
-            values = frozenset(self._scalar(v, kind) for v in value_node.value)
-            return FieldTest(path, "in", values)
-        value = self._scalar(value_node, kind)
-        if op == "prefix":
-            if not isinstance(value, str):
-                raise self.fail(value_node.loc, f"'prefix' takes text, got {value_node.value!r}")
-            return FieldTest(path, "prefix", value)
-        return FieldTest(path, "equals", value)
-
-    def _scalar(self, node: YNode, kind: str) -> str | int | float | bool:
-        value = node.value
-        if kind in ("str", "list"):
-            # Codes such as metro 803 are text in events (OpenRTB); accept them unquoted.
-            if isinstance(value, bool) or not isinstance(value, str | int):
-                raise self.fail(node.loc, f"expected text, got {value!r}")
-            return str(value)
-        if not isinstance(value, str | int | float | bool):
-            raise self.fail(node.loc, f"expected a single value, got {value!r}")
-        return value
+        return self.boolean(node, self._segment_ref, "segment ids")
 
     def _segment_ref(self, node: YNode) -> SegmentRef:
         if not isinstance(node.value, str):

@@ -67,7 +67,7 @@ def test_unknown_key_in_segment() -> None:
     (msg,) = errors_of(text)
     assert msg == (
         "r.yaml:3:5: unknown key 'tll' in a segment; allowed: id, name, description, owner, "
-        "iab_ids, ttl, status, rule, of"
+        "iab_ids, ttl, status, partners, rule, of"
     )
 
 
