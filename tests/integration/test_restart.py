@@ -89,7 +89,8 @@ async def test_restart_replays_nothing_twice(
     assert after_answers.pop("cookie-1") == ["auto_new_car_intent", "geo_socal", "new_car_socal"]
     before_answers.pop("cookie-1")
     assert after_answers == before_answers
-    assert len(next(iter(after_states["cookie-1"].history.values()))) == 2
+    # Two views kept for intent (needs 2), one for SoCal geo (needs 1): none replayed.
+    assert sorted(len(v) for v in after_states["cookie-1"].history.values()) == [1, 2]
     after_states.pop("cookie-1")
     before_states.pop("cookie-1")
     assert after_states == before_states
