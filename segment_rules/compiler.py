@@ -193,6 +193,11 @@ class CompiledRules:
 
     # -- ingest -------------------------------------------------------------------------------
     @property
+    def tests(self) -> Mapping[str, Predicate]:
+        """Every distinct event test, by the id ``matching_traits`` returns."""
+        return self._tests
+
+    @property
     def base_segment_ids(self) -> tuple[str, ...]:
         return tuple(s.id for s in self.ruleset.base_segments)
 

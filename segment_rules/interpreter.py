@@ -71,7 +71,7 @@ def _url(v: object) -> tuple[str, str] | None:
         return None
 
 
-def test_field(test: FieldTest, event: Event) -> bool:
+def field_passes(test: FieldTest, event: Event) -> bool:
     op, want, values = test.op, test.value, field_values(event, test.path)
     if op == "not_equals":
         return not any(v == want for v in values)
@@ -137,14 +137,14 @@ def _text_test(op: str, want: str, v: str) -> bool:
     return v == want or v.startswith(want + "/")
 
 
-def test_event(pred: Predicate, event: Event) -> bool:
+def event_passes(pred: Predicate, event: Event) -> bool:
     if isinstance(pred, FieldTest):
-        return test_field(pred, event)
+        return field_passes(pred, event)
     if isinstance(pred, Not):
-        return not test_event(pred.part, event)
+        return not event_passes(pred.part, event)
     if isinstance(pred, All):
-        return all(test_event(p, event) for p in pred.parts)
-    return any(test_event(p, event) for p in pred.parts)
+        return all(event_passes(p, event) for p in pred.parts)
+    return any(event_passes(p, event) for p in pred.parts)
 
 
 class Interpreter:
@@ -187,13 +187,15 @@ class Interpreter:
         if isinstance(cond, All):
             return all(self.holds(p, events, now, rec) for p in cond.parts)
         if isinstance(cond, CountWithin):
-            n = sum(1 for ts, e in events if ts > now - cond.within and test_event(cond.where, e))
+            n = sum(1 for ts, e in events if ts > now - cond.within and event_passes(cond.where, e))
             return cond.at_least <= n and (cond.at_most is None or n <= cond.at_most)
         if isinstance(cond, NotSeenWithin):
-            seen = [ts for ts, e in events if test_event(cond.where, e)]
+            seen = [ts for ts, e in events if event_passes(cond.where, e)]
             return bool(seen) and now - cond.lookback < max(seen) <= now - cond.within
         if isinstance(cond, FirstSeenWithin):
-            seen = [ts for ts, e in events if ts > rec - cond.memory and test_event(cond.where, e)]
+            seen = [
+                ts for ts, e in events if ts > rec - cond.memory and event_passes(cond.where, e)
+            ]
             if not seen or max(seen) <= now - cond.memory:
                 return False
             return min(seen) > now - cond.within
@@ -218,13 +220,13 @@ def _qualifies(cond: Condition, event: Event) -> bool:
     if isinstance(cond, Not):
         return _qualifies(cond.part, event)
     if isinstance(cond, CountWithin | NotSeenWithin | FirstSeenWithin):
-        return test_event(cond.where, event)
+        return event_passes(cond.where, event)
     if isinstance(cond, Aggregate):
-        return test_event(cond.where, event) and number_at(event, cond.path) is not None
+        return event_passes(cond.where, event) and number_at(event, cond.path) is not None
     if isinstance(cond, SequenceRule):
-        return any(test_event(s, event) for s in cond.steps)
+        return any(event_passes(s, event) for s in cond.steps)
     if isinstance(cond, Score):
-        return any(test_event(e.where, event) for e in cond.entries)
+        return any(event_passes(e.where, event) for e in cond.entries)
     return any(_qualifies(p, event) for p in cond.parts)
 
 
@@ -233,7 +235,7 @@ def _aggregate_holds(cond: Aggregate, events: Sequence[Timed], now: float) -> bo
         v
         for ts, e in events
         if ts > now - cond.within
-        and test_event(cond.where, e)
+        and event_passes(cond.where, e)
         and (v := number_at(e, cond.path)) is not None
     ]
     if cond.func == "sum":
@@ -248,7 +250,7 @@ def _aggregate_holds(cond: Aggregate, events: Sequence[Timed], now: float) -> bo
 
 
 def _sequence_holds(cond: SequenceRule, events: Sequence[Timed], now: float) -> bool:
-    stamps = [[ts for ts, e in events if test_event(step, e)] for step in cond.steps]
+    stamps = [[ts for ts, e in events if event_passes(step, e)] for step in cond.steps]
 
     def chain(i: int, before: float, earliest: float) -> bool:
         if i < 0:
@@ -266,7 +268,7 @@ def _score_holds(cond: Score, events: Sequence[Timed], now: float, rec: float) -
             for ts, e in events
             if ts > now - cond.within
             for entry in cond.entries
-            if test_event(entry.where, e)
+            if event_passes(entry.where, e)
         )
         return total >= cond.at_least
     assert cond.half_life is not None
@@ -275,7 +277,7 @@ def _score_holds(cond: Score, events: Sequence[Timed], now: float, rec: float) -
         for ts, e in events
         if ts > rec - cond.memory
         for entry in cond.entries
-        if test_event(entry.where, e)
+        if event_passes(entry.where, e)
     ]
     if not hits or max(ts for ts, _ in hits) <= now - cond.memory:
         return False
@@ -291,5 +293,5 @@ def decayed_score(cond: Score, events: Sequence[Timed], now: float, rec: float) 
         for ts, e in events
         if ts > rec - cond.memory
         for entry in cond.entries
-        if test_event(entry.where, e)
+        if event_passes(entry.where, e)
     )

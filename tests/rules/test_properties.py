@@ -1,0 +1,130 @@
+"""The compiled, indexed evaluator agrees with the plain interpreter (segment_rules.interpreter)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from segment_rules import CompiledRules, History, parse_rules
+from segment_rules.interpreter import Interpreter, decayed_score, event_passes
+from segment_rules.model import All, AnyOf, Condition, Not, RuleSet, Score
+from tests.rules.strategies import (
+    STEP,
+    events,
+    predicates,
+    rule_files,
+    small_taxonomy,
+    timed_events,
+)
+
+NOW = 1_800_000_000.0
+TAXONOMY = small_taxonomy()
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def load(doc: dict[str, Any]) -> RuleSet:
+    return parse_rules(yaml.safe_dump(doc, sort_keys=False), "prop.yaml", TAXONOMY)
+
+
+def _decaying(cond: Condition) -> list[Score]:
+    if isinstance(cond, Score):
+        return [cond] if cond.half_life is not None else []
+    if isinstance(cond, Not):
+        return _decaying(cond.part)
+    if isinstance(cond, All | AnyOf):
+        return [s for p in cond.parts for s in _decaying(p)]
+    return []
+
+
+def _near_threshold(
+    ruleset: RuleSet, timed: list[tuple[float, dict[str, Any]]], t: float
+) -> set[str]:
+    """Segments with a decaying score within rounding of its threshold at ``t``."""
+    near = set()
+    for seg in ruleset.base_segments:
+        assert seg.rule is not None
+        for score in _decaying(seg.rule):
+            value = decayed_score(score, timed, t, NOW)
+            if abs(value - score.at_least) <= 1e-6 * score.at_least:
+                near.add(seg.id)
+    return near
+
+
+@PROPERTY
+@given(doc=rule_files(), stream=st.data())
+def test_compiled_agrees_with_interpreter(doc: dict[str, Any], stream: st.DataObject) -> None:
+    ruleset = load(doc)
+    compiled, interpreter = CompiledRules(ruleset), Interpreter(ruleset)
+    timed = stream.draw(timed_events(NOW))
+    history: History = {}
+    for ts, event in timed:
+        compiled.record(history, ts, compiled.matching_traits(event), NOW, event)
+    offsets = stream.draw(st.lists(st.integers(0, 14 * 48), min_size=1, max_size=6))
+    times = sorted({NOW + k * STEP for k in offsets})
+
+    for t in times:
+        compiled.prune(history, t)
+        result = compiled.evaluate(history, t)
+        expected = interpreter.members(timed, t, NOW)
+        skip = _near_threshold(ruleset, timed, t)
+        assert result.members - skip == expected - skip, (t - NOW) / STEP
+        assert compiled.with_composites(result.members) == interpreter.with_composites(
+            result.members
+        )
+        # Nothing changes before next_change; ingest sleeps until then.
+        if result.next_change is None:
+            probes = [t + 30 * 86400.0]
+        else:
+            assert result.next_change > t
+            probes = [t + (result.next_change - t) * f for f in (0.5, 0.999)]
+            probes.append(result.next_change - 1e-3)
+        for probe in probes:
+            skip_probe = skip | _near_threshold(ruleset, timed, probe)
+            later = interpreter.members(timed, probe, NOW)
+            assert later - skip_probe == result.members - skip_probe, (t - NOW, probe - NOW)
+
+
+@PROPERTY
+@given(
+    preds=st.lists(predicates(), min_size=1, max_size=12), sample=st.lists(events(), max_size=15)
+)
+def test_index_finds_exactly_the_matching_tests(
+    preds: list[Any], sample: list[dict[str, Any]]
+) -> None:
+    doc = {
+        "segments": [
+            {"id": f"s{n}", "rule": {"within": "1d", "where": p}} for n, p in enumerate(preds)
+        ]
+    }
+    compiled = CompiledRules(load(doc))
+    for event in sample:
+        found = compiled.matching_traits(event)
+        assert len(found) == len(set(found))
+        expected = {tid for tid, pred in compiled.tests.items() if event_passes(pred, event)}
+        assert set(found) == expected, event
+
+
+@PROPERTY
+@given(doc=rule_files(), stream=st.data())
+def test_history_survives_json_and_pruning_is_invisible(
+    doc: dict[str, Any], stream: st.DataObject
+) -> None:
+    import orjson
+
+    ruleset = load(doc)
+    compiled = CompiledRules(ruleset)
+    timed = stream.draw(timed_events(NOW))
+    history: History = {}
+    for ts, event in timed:
+        compiled.record(history, ts, compiled.matching_traits(event), NOW, event)
+    t = NOW + stream.draw(st.integers(0, 10 * 48)) * STEP
+    before = compiled.evaluate(history, t)
+    restored = orjson.loads(orjson.dumps(history))
+    compiled.prune(restored, t)
+    assert compiled.evaluate(restored, t) == before
+    for tid, state in restored.items():
+        trait = next(tr for tr in compiled.traits if tr.id == tid)
+        assert len(state) <= max(trait.keep, 2)
