@@ -117,6 +117,7 @@ class CompiledRules:
                         trait.keep_for = max(trait.keep_for, seg.ttl)
         self.traits = tuple(self._traits.values())
         self._index = EventIndex(self._tests)
+        self._match = self._index.match
         self._active_base = tuple(s for s in ruleset.base_segments if s.status == "active")
         self._by_trait: dict[str, list[int]] = {}
         for n, seg in enumerate(self._active_base):
@@ -203,7 +204,7 @@ class CompiledRules:
 
     def matching_traits(self, event: Event) -> list[str]:
         """The ids of the tests ``event`` passes (only candidate tests are run)."""
-        return self._index.match(event)
+        return self._match(event)
 
     def record(
         self,

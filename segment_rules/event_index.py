@@ -13,21 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from segment_rules.event_tests import (
-    Event,
-    EventTest,
-    as_values,
-    compile_predicate,
-    getter,
-    url_parts,
-)
+from segment_rules.event_tests import Event, EventTest, compile_predicate, url_parts
 from segment_rules.model import All, FieldTest, Predicate
 
-# Hits of one lookup: (test id, what else must hold or None when the anchor decides).
-Hits = list[tuple[str, EventTest | None]]
-Collect = Callable[[Event, list[str]], None]
+# Hits of one lookup: the tests the anchor decides alone, and (test id, what else must hold).
+Hits = tuple[tuple[str, ...], tuple[tuple[str, EventTest], ...]]
+_Building = list[tuple[str, EventTest | None]]
+Collect = Callable[[Event, list[str]], bool]
 _HASHABLE = (str, int, float, bool)
-_LOW_SELECTIVITY = {("geo", "country"), ("geo", "region"), ("type",)}
+# Few distinct values, so an anchor there finds many candidates: the last choice.
+_SELECTIVITY_RANK = {("geo", "country"): 2, ("type",): 2, ("geo", "region"): 1}
 _ANCHOR_OPS = ("equals", "in", "under", "under_iab", "host", "host_suffix")
 
 
@@ -55,7 +50,7 @@ def _anchor_keys(test: FieldTest) -> tuple[str, list[Any]]:
 
 class _Bucket:
     def __init__(self) -> None:
-        self.groups: dict[tuple[tuple[str, ...], str], dict[Any, Hits]] = {}
+        self.groups: dict[tuple[tuple[str, ...], str], dict[Any, _Building]] = {}
         self.always: list[str] = []
         self.residual: list[tuple[str, EventTest]] = []
 
@@ -67,7 +62,9 @@ class _Bucket:
             else:
                 self.always.append(test_id)
             return
-        anchor = min(anchors, key=lambda a: (a.path in _LOW_SELECTIVITY, len(_anchor_keys(a)[1])))
+        anchor = min(
+            anchors, key=lambda a: (_SELECTIVITY_RANK.get(a.path, 0), len(_anchor_keys(a)[1]))
+        )
         rest = [c for c in conjuncts if c is not anchor]
         check = compile_predicate(All(tuple(rest))) if rest else None
         mode, keys = _anchor_keys(anchor)
@@ -76,81 +73,169 @@ class _Bucket:
             table.setdefault(key, []).append((test_id, check))
 
     def compile(self) -> Callable[[Event], list[str]]:
-        collectors = [_collector(path, mode, table) for (path, mode), table in self.groups.items()]
-        always, residual = tuple(self.always), tuple(self.residual)
-
-        def match(event: Event) -> list[str]:
-            out = list(always)
-            for collect in collectors:
-                collect(event, out)
-            for test_id, check in residual:
-                if check(event):
-                    out.append(test_id)
-            return list(dict.fromkeys(out)) if len(out) > 1 else out
-
-        return match
+        groups = [
+            (path, mode, {key: _freeze(hits) for key, hits in table.items()})
+            for (path, mode), table in self.groups.items()
+        ]
+        return _generate(groups, tuple(self.always), tuple(self.residual))
 
 
-def _emit(hits: Hits, event: Event, out: list[str]) -> None:
-    for test_id, check in hits:
-        if check is None or check(event):
-            out.append(test_id)
+def _freeze(hits: _Building) -> Hits:
+    plain = tuple(dict.fromkeys(test_id for test_id, check in hits if check is None))
+    checked = tuple(dict.fromkeys((test_id, check) for test_id, check in hits if check is not None))
+    return (plain, checked)
 
 
-def _collector(path: tuple[str, ...], mode: str, table: dict[Any, Hits]) -> Collect:
-    get = getter(path)
-    lookup = table.get
-    if mode == "eq":
+def _merge(found: list[Hits]) -> Hits:
+    plain = tuple(dict.fromkeys(t for hits in found for t in hits[0]))
+    checked = tuple(dict.fromkeys(c for hits in found for c in hits[1]))
+    return (plain, checked)
 
-        def eq(event: Event, out: list[str]) -> None:
-            raw = get(event)
-            if raw is None:
-                return
-            for v in raw if type(raw) is list else (raw,):
-                if isinstance(v, _HASHABLE) and (hits := lookup(v)) is not None:
-                    _emit(hits, event, out)
 
-        return eq
-    if mode == "iab":
+def _category_keys(v: str) -> list[str]:
+    """'a/b/c' -> 'a', 'a/b', 'a/b/c': the paths an 'under' anchor may name."""
+    keys = []
+    cut = v.find("/")
+    while cut > 0:
+        keys.append(v[:cut])
+        cut = v.find("/", cut + 1)
+    keys.append(v)
+    return keys
 
-        def iab(event: Event, out: list[str]) -> None:
-            for v in as_values(get(event)):
-                if type(v) in (str, int) and (hits := lookup(str(v))) is not None:
-                    _emit(hits, event, out)
 
-        return iab
-    if mode == "under":
+def _domain_keys(host: str) -> list[str]:
+    """'a.b.example' -> itself, 'b.example', 'example'."""
+    keys = [host]
+    while (dot := host.find(".")) >= 0:
+        host = host[dot + 1 :]
+        keys.append(host)
+    return keys
 
-        def under(event: Event, out: list[str]) -> None:
-            for v in as_values(get(event)):
-                if not isinstance(v, str):
-                    continue
-                cut = v.find("/")
-                while cut > 0:
-                    if (hits := lookup(v[:cut])) is not None:
-                        _emit(hits, event, out)
-                    cut = v.find("/", cut + 1)
-                if (hits := lookup(v)) is not None:
-                    _emit(hits, event, out)
 
-        return under
-    suffixes = mode == "domain"
+_NOTHING: Hits = ((), ())
+_MEMO_LIMIT = 1 << 16
 
-    def host(event: Event, out: list[str]) -> None:
-        for v in as_values(get(event)):
-            parts = url_parts(v) if isinstance(v, str) else None
-            if not parts:
-                continue
-            name = parts[0]
-            while True:
-                if (hits := lookup(name)) is not None:
-                    _emit(hits, event, out)
-                dot = name.find(".") if suffixes else -1
-                if dot < 0:
-                    break
-                name = name[dot + 1 :]
 
-    return host
+def _netloc_host(netloc: str) -> str:
+    return url_parts("http://" + netloc)[0]
+
+
+def _memo(
+    table: dict[Any, Hits], keys_of: Callable[[Any], list[Any]]
+) -> tuple[dict[Any, Hits], Callable[[Any], Hits]]:
+    """(memo, fill): value -> the hits of all its keys, merged once per distinct value
+    (values repeat: categories, hosts). The memo is dropped when it grows past its limit."""
+    memo: dict[Any, Hits] = {}
+
+    def fill(value: Any) -> Hits:
+        found = [h for k in keys_of(value) if (h := table.get(k)) is not None]
+        hits = _merge(found) if found else _NOTHING
+        if len(memo) >= _MEMO_LIMIT:
+            memo.clear()
+        memo[value] = hits
+        return hits
+
+    return memo, fill
+
+
+def _url_memos(
+    table: dict[Any, Hits], suffixes: bool
+) -> tuple[dict[Any, Hits], Callable[[Any], Hits], Callable[[str], Hits]]:
+    """For a host anchor: (memo by the text between '://' and the first '/', its filler,
+    lookup by host for URLs of other shapes)."""
+
+    def expand(host: str) -> list[str]:
+        return _domain_keys(host) if suffixes else [host]
+
+    def from_netloc(netloc: str) -> list[str]:
+        return expand(_netloc_host(netloc))
+
+    memo, fill = _memo(table, from_netloc)
+    slow_memo, slow_fill = _memo(table, expand)
+
+    def by_host(host: str) -> Hits:
+        hits = slow_memo.get(host)
+        return slow_fill(host) if hits is None else hits
+
+    return memo, fill, by_host
+
+
+# The matcher of one bucket is generated Python: one function with every anchored field's
+# lookup inlined, because per-field function calls were most of the cost of an event.
+_EMIT = """
+{pad}if h[0]:
+{pad}    out.extend(h[0])
+{pad}for t, c in h[1]:
+{pad}    if c(event):
+{pad}        out.append(t)"""
+_LOOKUP = {
+    # v -> h (hits or None); may `continue`-skip values that cannot be keys.
+    "eq": "h = M{n}.get(v) if isinstance(v, H) else None",
+    "memo": "h = M{n}.get(v) if type(v) in T{n} else None\n"
+    "{pad}if h is None and type(v) in T{n}:\n{pad}    h = F{n}(v)",
+    "url": "h = None\n"
+    "{pad}if type(v) is str:\n"
+    "{pad}    s = 8 if v.startswith('https://') else 7 if v.startswith('http://') else 0\n"
+    "{pad}    if s:\n"
+    "{pad}        e = v.find('/', s)\n"
+    "{pad}        k = v[s:] if e < 0 else v[s:e]\n"
+    "{pad}        h = M{n}.get(k)\n"
+    "{pad}        if h is None:\n"
+    "{pad}            h = F{n}(k)\n"
+    "{pad}    else:\n"
+    "{pad}        h = S{n}(url_parts(v)[0])",
+}
+
+
+def _generate(
+    groups: list[tuple[tuple[str, ...], str, dict[Any, Hits]]],
+    always: tuple[str, ...],
+    residual: tuple[tuple[str, EventTest], ...],
+) -> Callable[[Event], list[str]]:
+    env: dict[str, Any] = {"H": _HASHABLE, "url_parts": url_parts, "RESIDUAL": residual}
+    lines = ["def match(event):", f"    out = {list(always)!r}", "    rep = False"]
+    for n, (path, mode, table) in enumerate(groups):
+        kind = "eq"
+        if mode == "eq":
+            env[f"M{n}"] = table
+        elif mode in ("iab", "under"):
+            kind = "memo"
+            if mode == "iab":
+                env[f"T{n}"] = (str, int)  # ids as text or numbers, never true/false
+                env[f"M{n}"], env[f"F{n}"] = _memo(table, lambda v: [str(v)])
+            else:
+                env[f"T{n}"] = (str,)
+                env[f"M{n}"], env[f"F{n}"] = _memo(table, _category_keys)
+        else:
+            kind = "url"
+            env[f"M{n}"], env[f"F{n}"], env[f"S{n}"] = _url_memos(table, mode == "domain")
+        lines.append("    raw = event")
+        for key in path:
+            lines.append(f"    raw = raw.get({key!r}) if type(raw) is dict else None")
+        lookup = _LOOKUP[kind]
+        lines += [
+            "    if raw is not None:",
+            "        if type(raw) is list:",
+            "            if len(raw) > 1:",
+            "                rep = True",
+            "            for v in raw:",
+            "                " + lookup.format(n=n, pad=" " * 16),
+            "                if h is not None:" + _EMIT.format(pad=" " * 20),
+            "        else:",
+            "            v = raw",
+            "            " + lookup.format(n=n, pad=" " * 12),
+            "            if h is not None:" + _EMIT.format(pad=" " * 16),
+        ]
+    if residual:
+        lines += [
+            "    for t, c in RESIDUAL:",
+            "        if c(event):",
+            "            out.append(t)",
+        ]
+    lines.append("    return list(dict.fromkeys(out)) if rep else out")
+    exec(compile("\n".join(lines), "<segment_rules.event_index>", "exec"), env)
+    match: Callable[[Event], list[str]] = env["match"]
+    return match
 
 
 class EventIndex:

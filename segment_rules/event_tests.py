@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
 
 from segment_rules.model import All, FieldTest, Not, Predicate
 from segment_rules.patterns import searcher
@@ -47,14 +47,22 @@ def as_values(raw: Any) -> list[Any] | tuple[Any, ...]:
     return raw if type(raw) is list else (raw,)
 
 
-@lru_cache(maxsize=8192)
-def url_parts(url: str) -> tuple[str, str] | None:
-    """(host, path) of a URL; cached because one page's URL repeats across many events."""
-    try:
-        parts = urlsplit(url)
-        return (parts.hostname or "", parts.path)
-    except ValueError:
-        return None
+_URL = re.compile(r"(?:([A-Za-z][A-Za-z0-9+.-]*):)?(?://([^/?#]*))?([^?#]*)")
+
+
+@lru_cache(maxsize=1024)
+def url_parts(url: str) -> tuple[str, str]:
+    """(host, path) of a URL as urllib.parse.urlsplit reads them (host lower-cased, without
+    user or port; '' when there is none). Cached: several tests of one event read one URL."""
+    match = _URL.match(url)
+    assert match is not None  # every part of the pattern is optional
+    netloc, path = match.group(2) or "", match.group(3)
+    host = netloc.rpartition("@")[2]
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else ""
+    else:
+        host = host.partition(":")[0]
+    return (host.lower(), path)
 
 
 def compile_predicate(pred: Predicate) -> EventTest:
@@ -67,8 +75,26 @@ def compile_predicate(pred: Predicate) -> EventTest:
     if len(parts) == 1:
         return parts[0]
     if isinstance(pred, All):
-        return lambda e: all(p(e) for p in parts)
-    return lambda e: any(p(e) for p in parts)
+        if len(parts) == 2:
+            first, second = parts
+            return lambda e: first(e) and second(e)
+
+        def all_of(e: Event) -> bool:
+            # Plain loops here and below: a generator costs more than the test on the hot path.
+            for p in parts:  # noqa: SIM110
+                if not p(e):
+                    return False
+            return True
+
+        return all_of
+
+    def any_of(e: Event) -> bool:
+        for p in parts:  # noqa: SIM110
+            if p(e):
+                return True
+        return False
+
+    return any_of
 
 
 def compile_field_test(test: FieldTest) -> EventTest:
@@ -99,7 +125,19 @@ def compile_field_test(test: FieldTest) -> EventTest:
 
         return in_
     check = _value_check(test)
-    return lambda e: any(check(v) for v in as_values(get(e)))
+
+    def any_value(e: Event) -> bool:
+        raw = get(e)
+        if raw is None:
+            return False
+        if type(raw) is list:
+            for v in raw:  # noqa: SIM110
+                if check(v):
+                    return True
+            return False
+        return check(raw)
+
+    return any_value
 
 
 def _value_check(test: FieldTest) -> Callable[[Any], bool]:
@@ -149,11 +187,28 @@ def _number_check(op: str, want: object) -> Callable[[Any], bool]:
 
 def _url_check(op: str, want: str) -> Callable[[Any], bool]:
     def parts(v: Any) -> tuple[str, str] | None:
-        return url_parts(v) if isinstance(v, str) else None
+        return url_parts(v) if type(v) is str else None
 
     if op == "host":
         return lambda v: (p := parts(v)) is not None and p[0] == want
     if op == "host_suffix":
         dotted = "." + want
         return lambda v: (p := parts(v)) is not None and (p[0] == want or p[0].endswith(dotted))
-    return lambda v: (p := parts(v)) is not None and p[1].startswith(want)
+
+    def path_starts(v: Any) -> bool:
+        if type(v) is not str:
+            return False
+        # Fast path for 'http(s)://host/path...' without parsing: the path starts at the
+        # first '/' after the host, unless a '?' or '#' ends the host first (empty path).
+        if v.startswith("https://"):
+            start = 8
+        elif v.startswith("http://"):
+            start = 7
+        else:
+            return url_parts(v)[1].startswith(want)
+        end = v.find("/", start)
+        if end < 0 or "?" in v[start:end] or "#" in v[start:end]:
+            return False
+        return v.startswith(want, end)
+
+    return path_starts

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
+from segment_rules.event_tests import url_parts
 from segment_rules.graph import evaluate_composite, topological_order
 from segment_rules.model import (
     Aggregate,
@@ -62,13 +62,7 @@ def _is_number(v: object) -> bool:
 
 
 def _url(v: object) -> tuple[str, str] | None:
-    if not isinstance(v, str):
-        return None
-    try:
-        parts = urlsplit(v)
-        return (parts.hostname or "", parts.path)
-    except ValueError:
-        return None
+    return url_parts(v) if isinstance(v, str) else None
 
 
 def field_passes(test: FieldTest, event: Event) -> bool:

@@ -108,8 +108,11 @@ class PredicateParser(ParseBase):
                     value_node.loc,
                     f"'{op}' takes a bare host name such as 'cars.example', got {value_node.value!r}",
                 )
-        elif op == "path_prefix" and not text.startswith("/"):
-            raise self.fail(value_node.loc, f"'path_prefix' starts with '/', e.g. '/{text}'")
+        elif op == "path_prefix" and (not text.startswith("/") or "?" in text or "#" in text):
+            raise self.fail(
+                value_node.loc,
+                f"'path_prefix' is a path such as '/models/' (no query or fragment), got {text!r}",
+            )
         return FieldTest(path, op, text)
 
     def _text_value(self, node: YNode, op: str) -> str:

@@ -1,0 +1,296 @@
+"""Rule evaluation speed: events/s on one core against decoding the same events alone.
+
+    python -m loadtests.rule_eval [--events 50000] [--segments 10 100 1000] [--runs 3]
+
+For each rule-set size, a realistic rule file is generated (interest categories, geo,
+sites and paths, purchases and cart sums, searches with regexes, lapsed users, sequences,
+scores, segments of segments), and the same JSON events are timed three ways, each the
+median of ``--runs`` runs, side by side in one process:
+
+- decode: ``orjson.loads`` alone (the floor every consumer pays);
+- decode + match: ``matching_traits`` (the compiled, indexed rule program), the issue's
+  measure; its ratio to decode is the target (at least 0.5 with 1,000 segments);
+- decode + match + record: also updating a per-cookie history, as ingest does before it
+  evaluates each touched cookie once per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import yaml
+
+from segment_rules import CompiledRules, History, parse_rules
+
+TYPES = ["page_view"] * 70 + ["click"] * 10 + ["impression"] * 10 + ["search"] * 5
+TYPES += ["conversion"] * 3 + ["video_view"] * 2
+TOPICS = [
+    "auto",
+    "travel",
+    "finance",
+    "sports",
+    "news",
+    "tech",
+    "food",
+    "health",
+    "home",
+    "fashion",
+    "entertainment",
+    "education",
+]
+NOW = 1_800_000_000.0
+
+
+def category_tree(rng: random.Random) -> list[str]:
+    paths = []
+    for topic in TOPICS:
+        paths.append(topic)
+        for a in range(5):
+            child = f"{topic}/sub{a}"
+            paths.append(child)
+            paths.extend(f"{child}/leaf{b}" for b in range(4))
+    rng.shuffle(paths)
+    return paths
+
+
+class World:
+    """The vocabulary both the rules and the events draw from."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.categories = category_tree(rng)
+        self.regions = [f"R{n:02d}" for n in range(50)]
+        self.metros = [str(500 + n) for n in range(210)]
+        self.sites = [f"site{n}.example" for n in range(200)]
+        self.paths = ["/", "/models/", "/dealers/", "/new/", "/reviews/", "/deals/", "/search"]
+
+    def zipf(self, items: list[str]) -> str:
+        # A few popular values and a long tail, as real traffic has.
+        index = min(int(self.rng.paretovariate(1.2)) - 1, len(items) - 1)
+        return items[index]
+
+    def event(self, uid: int, ts: float) -> dict[str, Any]:
+        rng = self.rng
+        kind = rng.choice(TYPES)
+        site = self.zipf(self.sites)
+        host = site if rng.random() < 0.6 else f"www.{site}"
+        event: dict[str, Any] = {
+            "uid": f"c-{uid}",
+            "ts": ts,
+            "type": kind,
+            "url": f"https://{host}{rng.choice(self.paths)}item-{rng.randrange(1000)}",
+            "categories": [self.zipf(self.categories) for _ in range(rng.randint(1, 3))],
+            "geo": {
+                "country": "USA" if rng.random() < 0.8 else rng.choice(["CAN", "GBR", "DEU"]),
+                "region": rng.choice(self.regions),
+                "metro": rng.choice(self.metros),
+                "zip": f"{rng.randrange(100000):05d}",
+            },
+            "attrs": {"device": rng.choice(["mobile", "desktop", "tablet"])},
+        }
+        if kind == "conversion":
+            event["attrs"]["cart_value"] = round(rng.uniform(5, 900), 2)
+        if kind == "search":
+            event["attrs"]["query"] = rng.choice(["electric suv", "cheap flights", "ev charger"])
+        return event
+
+    def segment(self, n: int) -> dict[str, Any]:
+        rng = self.rng
+        pick = rng.random()
+        seg: dict[str, Any] = {"id": f"seg_{n}", "owner": "bench"}
+        if n > 20 and pick < 0.05:
+            a, b = rng.sample(range(n - 1), 2)
+            seg["of"] = {"and": [f"seg_{a}", {"or": [f"seg_{b}", f"seg_{a + 1}"]}]}
+            return seg
+        if pick < 0.45:
+            seg["rule"] = {
+                "at_least": rng.randint(1, 3),
+                "within": rng.choice(["7d", "14d", "30d"]),
+                "where": {
+                    "all": [
+                        {"field": "type", "equals": "page_view"},
+                        {"field": "categories", "under": rng.choice(self.categories)},
+                    ]
+                },
+            }
+        elif pick < 0.60:
+            geo = (
+                {"field": "geo.metro", "in": rng.sample(self.metros, 3)}
+                if rng.random() < 0.5
+                else {"field": "geo.region", "equals": rng.choice(self.regions)}
+            )
+            seg["rule"] = {
+                "within": "30d",
+                "where": {"all": [{"field": "geo.country", "equals": "USA"}, geo]},
+            }
+        elif pick < 0.70:
+            seg["rule"] = {
+                "at_least": 2,
+                "within": "14d",
+                "where": {
+                    "all": [
+                        {"field": "url", "host_suffix": rng.choice(self.sites)},
+                        {"field": "url", "path_prefix": rng.choice(self.paths[1:])},
+                    ]
+                },
+            }
+        elif pick < 0.78:
+            seg["rule"] = {
+                "sum": "attrs.cart_value",
+                "at_least": rng.choice([200, 500, 1000]),
+                "within": "30d",
+                "where": {
+                    "all": [
+                        {"field": "type", "equals": "conversion"},
+                        {"field": "categories", "under": rng.choice(TOPICS)},
+                    ]
+                },
+            }
+        elif pick < 0.83:
+            seg["rule"] = {
+                "within": "14d",
+                "where": {
+                    "all": [
+                        {"field": "type", "equals": "search"},
+                        {
+                            "field": "attrs.query",
+                            "regex": rng.choice(["\\bev\\b", "electric", "^cheap"]),
+                        },
+                        {"field": "geo.region", "in": rng.sample(self.regions, 5)},
+                    ]
+                },
+            }
+        elif pick < 0.88:
+            seg["rule"] = {
+                "not_seen_within": "30d",
+                "seen_within": "90d",
+                "where": {
+                    "all": [
+                        {"field": "type", "equals": "conversion"},
+                        {"field": "url", "host_suffix": rng.choice(self.sites)},
+                    ]
+                },
+            }
+        elif pick < 0.94:
+            site = rng.choice(self.sites)
+            seg["ttl"] = "14d"
+            seg["rule"] = {
+                "sequence": [
+                    {
+                        "all": [
+                            {"field": "url", "host_suffix": site},
+                            {"field": "url", "path_prefix": "/models/"},
+                        ]
+                    },
+                    {
+                        "all": [
+                            {"field": "url", "host_suffix": site},
+                            {"field": "url", "path_prefix": "/dealers/"},
+                        ]
+                    },
+                ],
+                "then_within": "2d",
+                "within": "14d",
+            }
+        else:
+            topic = rng.choice(TOPICS)
+            seg["rule"] = {
+                "score": [
+                    {
+                        "points": 1,
+                        "where": {
+                            "all": [
+                                {"field": "type", "equals": "page_view"},
+                                {"field": "categories", "under": topic},
+                            ]
+                        },
+                    },
+                    {
+                        "points": 5,
+                        "where": {
+                            "all": [
+                                {"field": "type", "equals": "click"},
+                                {"field": "categories", "under": topic},
+                            ]
+                        },
+                    },
+                ],
+                "at_least": 10,
+                "half_life": "7d",
+            }
+        return seg
+
+
+def rule_text(world: World, segments: int) -> str:
+    return yaml.safe_dump({"segments": [world.segment(n) for n in range(segments)]})
+
+
+def _timed(loop: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    loop()
+    return time.perf_counter() - start
+
+
+def measure(rules: CompiledRules, raws: list[bytes], runs: int) -> dict[str, float]:
+    loads, match, record = orjson.loads, rules.matching_traits, rules.record
+
+    def decode() -> None:
+        for raw in raws:
+            loads(raw)
+
+    def decode_match() -> None:
+        for raw in raws:
+            match(loads(raw))
+
+    def decode_match_record() -> None:
+        histories: dict[str, History] = {}
+        for raw in raws:
+            event = loads(raw)
+            history = histories.setdefault(event["uid"], {})
+            record(history, event["ts"], match(event), NOW, event)
+
+    times: dict[str, list[float]] = {"decode": [], "match": [], "record": []}
+    for _ in range(runs):  # interleaved, so drift hits all three alike
+        times["decode"].append(_timed(decode))
+        times["match"].append(_timed(decode_match))
+        times["record"].append(_timed(decode_match_record))
+    return {k: len(raws) / statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--segments", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    world = World(random.Random(args.seed))
+    raws = [
+        orjson.dumps(
+            world.event(world.rng.randrange(args.events // 5), NOW - world.rng.uniform(0, 86400))
+        )
+        for _ in range(args.events)
+    ]
+    print(f"{args.events} events, {sum(map(len, raws)) / len(raws):.0f} bytes each on average")
+    print(
+        f"{'segments':>8} {'tests':>6} {'decode/s':>10} {'+match/s':>10} {'ratio':>6} {'+record/s':>10} {'ratio':>6} {'matches/ev':>10}"
+    )
+    for count in args.segments:
+        rules = CompiledRules(parse_rules(rule_text(world, count), f"bench-{count}.yaml"))
+        hits = sum(len(rules.matching_traits(orjson.loads(r))) for r in raws[:5000]) / 5000
+        rate = measure(rules, raws, args.runs)
+        print(
+            f"{count:>8} {len(rules.tests):>6} {rate['decode']:>10,.0f} {rate['match']:>10,.0f} "
+            f"{rate['match'] / rate['decode']:>6.2f} {rate['record']:>10,.0f} "
+            f"{rate['record'] / rate['decode']:>6.2f} {hits:>10.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
