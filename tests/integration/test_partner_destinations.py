@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -366,3 +369,72 @@ async def test_service_follows_the_partner_file(
         finally:
             stop.set()
             await asyncio.wait_for(task, 10)
+
+
+def _command_env(settings: Settings, partners: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DMP_REDIS_URL": settings.redis.url,
+        "DMP_REDIS_KEY_PREFIX": settings.redis.key_prefix,
+        "DMP_KAFKA_BOOTSTRAP": settings.kafka.bootstrap,
+        "DMP_KAFKA_TOPIC": settings.kafka.topic,
+        "DMP_RULES_PATH": str(settings.rules_path),
+        "DMP_PARTNERS_PATH": str(partners),
+        "DMP_PARTNER_RELOAD_POLL_SECONDS": "0.1",
+        "DMP_LOG_FORMAT": "text",
+    }
+
+
+async def test_dmp_destinations_command_exports_and_stops_on_sigterm(
+    settings: Settings,
+    start_ingest: StartIngest,
+    producer: AIOKafkaProducer,
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "exports"
+    path = write_partners(
+        tmp_path / "partners.yaml",
+        gamma_yaml(f"{{kind: file, path: '{out}', interval_seconds: 0.05}}"),
+    )
+    await start_ingest()
+    await produce_users(producer, settings.kafka.topic, stay=2, expire=0)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dmp.cli",
+        "destinations",
+        env=_command_env(settings, path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_until(lambda: any(out.glob("*.jsonl")), 30, "the command's first export")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, stderr.decode()
+    lines = [
+        orjson.loads(line) for p in out.glob("*.jsonl") for line in p.read_bytes().splitlines()
+    ]
+    assert {line["user_id"] for line in lines} <= {"stay-0", "stay-1"}
+
+
+async def test_dmp_destinations_refuses_a_bad_partner_file(
+    settings: Settings, tmp_path: Path
+) -> None:
+    path = write_partners(
+        tmp_path / "partners.yaml", partner_yaml().replace("segtax: 600", "segtax: 3")
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dmp.cli",
+        "destinations",
+        env=_command_env(settings, path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert f"{path}:" in stderr.decode()
+    assert "partners[0].segtax: must be 4 or >= 500, got 3" in stderr.decode()

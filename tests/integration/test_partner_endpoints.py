@@ -224,8 +224,14 @@ async def test_prebid_rtd_answer(served: tuple[Client, web.Application]) -> None
     assert await response.json() == {"ortb2Fragments": {"global": {}, "bidder": {}}}
 
 
-async def test_admin_reload(served: tuple[Client, web.Application], tmp_path: Path) -> None:
-    client, app = served
+async def test_admin_reload(
+    aiohttp_client: AiohttpClient, settings: Settings, rules: CompiledRules, tmp_path: Path
+) -> None:
+    s = with_partners(settings, tmp_path)
+    # No file polling here: the admin call must be what installs the new version.
+    s = replace(s, partner=replace(s.partner, reload_poll_seconds=3600.0))
+    client, app = await ready_partner_app(aiohttp_client, s, rules)
+    seed_app(app, USER, "auto_new_car_intent", "geo_socal")
     path = "/v1/admin/partners/reload"
     assert (await client.post(path)).status == 401
     assert (await client.post(path, headers=bearer("wrong"))).status == 401
