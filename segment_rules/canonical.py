@@ -36,7 +36,9 @@ def trait_id(pred: Predicate) -> str:
     return short_hash(predicate_form(pred))
 
 
-def predicate_form(pred: Predicate) -> object:
+def predicate_form(pred: Predicate, *, any_order: bool = False) -> object:
+    """``any_order``: all/any parts sorted, so reordered copies compare equal (duplicate
+    checks); state ids keep the written order, as rules v1 did."""
     if isinstance(pred, FieldTest):
         value: object = pred.value
         if isinstance(value, frozenset):
@@ -48,18 +50,23 @@ def predicate_form(pred: Predicate) -> object:
             form.append(short_hash(sorted(pred.expanded)))  # a new taxonomy is a new test
         return form
     if isinstance(pred, Not):
-        return ["not", predicate_form(pred.part)]
+        return ["not", predicate_form(pred.part, any_order=any_order)]
     tag = "all" if isinstance(pred, All) else "any"
-    return [tag, *(predicate_form(p) for p in pred.parts)]
+    parts = [predicate_form(p, any_order=any_order) for p in pred.parts]
+    return [tag, *(sorted(parts, key=repr) if any_order else parts)]
+
+
+def _key(pred: Predicate) -> object:
+    return predicate_form(pred, any_order=True)
 
 
 def condition_form(cond: Condition) -> object:
     if isinstance(cond, CountWithin):
-        return ["count", cond.at_least, cond.at_most, cond.within, predicate_form(cond.where)]
+        return ["count", cond.at_least, cond.at_most, cond.within, _key(cond.where)]
     if isinstance(cond, NotSeenWithin):
-        return ["lapsed", cond.within, cond.lookback, predicate_form(cond.where)]
+        return ["lapsed", cond.within, cond.lookback, _key(cond.where)]
     if isinstance(cond, FirstSeenWithin):
-        return ["first", cond.within, cond.memory, predicate_form(cond.where)]
+        return ["first", cond.within, cond.memory, _key(cond.where)]
     if isinstance(cond, Aggregate):
         return [
             cond.func,
@@ -67,10 +74,10 @@ def condition_form(cond: Condition) -> object:
             cond.within,
             cond.at_least,
             cond.at_most,
-            predicate_form(cond.where),
+            _key(cond.where),
         ]
     if isinstance(cond, SequenceRule):
-        return ["sequence", cond.span, cond.within, *(predicate_form(s) for s in cond.steps)]
+        return ["sequence", cond.span, cond.within, *(_key(s) for s in cond.steps)]
     if isinstance(cond, Score):
         return [
             "score",
@@ -78,7 +85,7 @@ def condition_form(cond: Condition) -> object:
             cond.within,
             cond.half_life,
             cond.memory,
-            sorted(([e.points, predicate_form(e.where)] for e in cond.entries), key=repr),
+            sorted(([e.points, _key(e.where)] for e in cond.entries), key=repr),
         ]
     if isinstance(cond, Not):
         return ["not", condition_form(cond.part)]

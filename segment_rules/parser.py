@@ -221,7 +221,8 @@ class _Parser(ConditionParser):
             if isinstance(value, bool) or not isinstance(value, str | int) or str(value) == "":
                 raise self.fail(
                     value_node.loc,
-                    f"the segment id for partner '{partner}' must be text or a number, got {value!r}",
+                    f"the segment id for partner '{partner}' must be text or a number, "
+                    f"got {value_node.plain()!r}",
                 )
             theirs = str(value)
             if len(theirs) > 128:
