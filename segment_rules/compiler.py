@@ -226,9 +226,16 @@ class CompiledRules:
                     continue  # too late to count anywhere
                 kind = trait.kind
                 if kind == TIMES:
-                    stamps = history.setdefault(trait.id, [])
-                    bisect.insort(stamps, ts)
-                    _cut(stamps, trait, now)
+                    stamps = history.get(trait.id)
+                    if stamps is None:
+                        history[trait.id] = [ts]
+                        continue
+                    if ts >= stamps[-1]:
+                        stamps.append(ts)
+                    else:
+                        bisect.insort(stamps, ts)
+                    if len(stamps) > trait.keep or stamps[0] <= now - trait.keep_for:
+                        _cut_times(stamps, trait, now)
                 elif kind == VALUES:
                     if event is None:
                         raise ValueError("record() needs the event: a sum/average reads it")
@@ -262,7 +269,9 @@ class CompiledRules:
                 del history[tid]  # no rule uses this state any more
                 continue
             state = history[tid]
-            if trait.kind in (TIMES, VALUES):
+            if trait.kind == TIMES:
+                _cut_times(state, trait, now)
+            elif trait.kind == VALUES:
                 _cut(state, trait, now)
             elif not state or state[-1 if trait.kind == FIRST else 0] <= now - trait.keep_for:
                 state.clear()
@@ -366,6 +375,13 @@ def _cut(entries: list[Any], trait: Trait, now: float) -> None:
     drop = max(cut, len(entries) - trait.keep)
     if drop > 0:
         del entries[:drop]
+
+
+def _cut_times(stamps: list[float], trait: Trait, now: float) -> None:
+    cut = bisect.bisect_right(stamps, now - trait.keep_for)
+    drop = max(cut, len(stamps) - trait.keep)
+    if drop > 0:
+        del stamps[:drop]
 
 
 def _last_time(kind: str, state: list[Any]) -> float:
