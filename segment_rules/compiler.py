@@ -222,9 +222,15 @@ class CompiledRules:
         for test in trait_ids:
             for update in self._updates.get(test, ()):
                 trait = update.trait
+                kind = trait.kind
+                if kind == DONE:
+                    # A late first step can still complete a recent sequence: the steps'
+                    # own times decide, after every step's time is in.
+                    if update not in done:
+                        done.append(update)
+                    continue
                 if ts <= now - trait.keep_for:
                     continue  # too late to count anywhere
-                kind = trait.kind
                 if kind == TIMES:
                     stamps = history.get(trait.id)
                     if stamps is None:
@@ -250,10 +256,8 @@ class CompiledRules:
                         history[trait.id] = [ts, ts]
                     else:
                         state[0], state[1] = min(state[0], ts), max(state[1], ts)
-                elif kind == DECAY:
+                else:
                     _add_points(history, trait, update, ts, now)
-                elif update not in done:
-                    done.append(update)
         for update in done:  # after every step's time is in
             completed = _latest_completion([history.get(s, []) for s in update.steps], update.span)
             trait = update.trait

@@ -129,6 +129,14 @@ def test_sequence_wrong_order_and_late_first_step() -> None:
     assert c.members(NOW) == {"seq"}
 
 
+def test_sequence_completed_by_a_late_first_step_near_the_window_edge() -> None:
+    c = Cookie(SEQUENCE)
+    c.see(NOW - 13 * DAY, url="https://cars.example/dealers")
+    c.see(NOW - 14.5 * DAY, url="https://cars.example/models/a")  # older than 'within', late
+    assert c.members(NOW) == {"seq"}
+    assert c.next_change(NOW) == NOW + DAY
+
+
 def test_windowed_score() -> None:
     c = Cookie(
         """segments:
