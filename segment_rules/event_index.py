@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from segment_rules.canonical import predicate_form
 from segment_rules.event_tests import Event, EventTest, compile_predicate, url_parts
 from segment_rules.model import All, FieldTest, Predicate
 
 # Hits of one lookup: the tests the anchor decides alone, and (test id, what else must hold).
-Hits = tuple[tuple[str, ...], tuple[tuple[str, EventTest], ...]]
+# Tests sharing one remaining check are grouped, so the check runs once for all of them.
+Hits = tuple[tuple[str, ...], tuple[tuple[EventTest, tuple[str, ...]], ...]]
 _Building = list[tuple[str, EventTest | None]]
 Collect = Callable[[Event, list[str]], bool]
 _HASHABLE = (str, int, float, bool)
@@ -53,6 +55,7 @@ class _Bucket:
         self.groups: dict[tuple[tuple[str, ...], str], dict[Any, _Building]] = {}
         self.always: list[str] = []
         self.residual: list[tuple[str, EventTest]] = []
+        self.checks: dict[str, EventTest] = {}
 
     def add(self, test_id: str, conjuncts: list[Predicate]) -> None:
         anchors = [c for c in conjuncts if isinstance(c, FieldTest) and c.op in _ANCHOR_OPS]
@@ -66,11 +69,19 @@ class _Bucket:
             anchors, key=lambda a: (_SELECTIVITY_RANK.get(a.path, 0), len(_anchor_keys(a)[1]))
         )
         rest = [c for c in conjuncts if c is not anchor]
-        check = compile_predicate(All(tuple(rest))) if rest else None
+        check = self._check(rest) if rest else None
         mode, keys = _anchor_keys(anchor)
         table = self.groups.setdefault((anchor.path, mode), {})
         for key in keys:
             table.setdefault(key, []).append((test_id, check))
+
+    def _check(self, rest: list[Predicate]) -> EventTest:
+        """One compiled function per distinct remaining check (shared across tests)."""
+        key = repr([predicate_form(p) for p in rest])
+        check = self.checks.get(key)
+        if check is None:
+            check = self.checks[key] = compile_predicate(All(tuple(rest)))
+        return check
 
     def compile(self) -> Callable[[Event], list[str]]:
         groups = [
@@ -81,15 +92,23 @@ class _Bucket:
 
 
 def _freeze(hits: _Building) -> Hits:
-    plain = tuple(dict.fromkeys(test_id for test_id, check in hits if check is None))
-    checked = tuple(dict.fromkeys((test_id, check) for test_id, check in hits if check is not None))
-    return (plain, checked)
+    return _merge(
+        [
+            (
+                tuple(t for t, c in hits if c is None),
+                tuple((c, (t,)) for t, c in hits if c is not None),
+            )
+        ]
+    )
 
 
 def _merge(found: list[Hits]) -> Hits:
     plain = tuple(dict.fromkeys(t for hits in found for t in hits[0]))
-    checked = tuple(dict.fromkeys(c for hits in found for c in hits[1]))
-    return (plain, checked)
+    by_check: dict[EventTest, dict[str, None]] = {}
+    for hits in found:
+        for check, test_ids in hits[1]:
+            by_check.setdefault(check, {}).update(dict.fromkeys(test_ids))
+    return (plain, tuple((check, tuple(ids)) for check, ids in by_check.items()))
 
 
 def _category_keys(v: str) -> list[str]:
@@ -165,9 +184,9 @@ def _url_memos(
 _EMIT = """
 {pad}if h[0]:
 {pad}    out.extend(h[0])
-{pad}for t, c in h[1]:
+{pad}for c, ts in h[1]:
 {pad}    if c(event):
-{pad}        out.append(t)"""
+{pad}        out.extend(ts)"""
 _LOOKUP = {
     # v -> h (hits or None); may `continue`-skip values that cannot be keys.
     "eq": "h = M{n}.get(v) if isinstance(v, H) else None",
