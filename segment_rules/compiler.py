@@ -233,7 +233,7 @@ class CompiledRules:
                     continue  # too late to count anywhere
                 if kind == TIMES:
                     stamps = history.get(trait.id)
-                    if stamps is None:
+                    if not stamps:
                         history[trait.id] = [ts]
                         continue
                     if ts >= stamps[-1]:
