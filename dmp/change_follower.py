@@ -1,4 +1,11 @@
-"""Keeps a Replica equal to Redis: load a snapshot, then tail each partition's change stream."""
+"""Keeps a Replica equal to Redis: load each partition, then tail its change stream.
+
+A partition loads from its snapshot (the user-major index a replica wrote earlier, with
+the stream id it was at) when the stream still holds every entry after that id; otherwise
+from the segment bitmaps. Entries are absolute adds/removes, so replaying one that the
+loaded state already holds is harmless. A replica whose cursor was trimmed away (it fell
+too far behind) reloads that partition.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +14,29 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import orjson
 import redis.asyncio as aioredis
-from pyroaring import BitMap
-from redis.exceptions import RedisError
+from pyroaring import BitMap, BitMap64
+from redis.exceptions import RedisError, ResponseError
 
-from dmp.ids import position
+from dmp.ids import LOCAL_BITS
 from dmp.keys import PartitionKeys, partitions_key
 from dmp.metrics import LookupMetrics
-from dmp.redis_types import as_bytes, as_opt_bytes, as_str
-from dmp.replica import Replica
+from dmp.redis_types import as_bytes, as_str
+from dmp.replica import PartitionIndex, Replica
 
 log = logging.getLogger(__name__)
 READ_COUNT = 1000
 SCAN_BATCH = 1000
 SIZE_INTERVAL = 5.0  # seconds between bitmap size readings (cost grows with the index)
+GAP_CHECK_INTERVAL = 1.0
+StreamId = tuple[int, int]
+
+
+def parse_stream_id(raw: bytes | str) -> StreamId:
+    ms, _, seq = as_str(raw).partition("-")
+    return int(ms), int(seq or 0)
 
 
 class ChangeFollower:
@@ -34,6 +49,7 @@ class ChangeFollower:
         prefix: str,
         topic: str,
         block_ms: int,
+        snapshot_interval: float = 0.0,
     ) -> None:
         self.client = client
         self.replica = replica
@@ -41,63 +57,120 @@ class ChangeFollower:
         self.prefix = prefix
         self.topic = topic
         self.block_ms = block_ms
+        self.snapshot_interval = snapshot_interval
         self.cursors: dict[str, bytes] = {}  # stream key -> last applied entry id
+        self.seqs: dict[str, int] = {}  # stream key -> entries consumed up to the cursor
+        self._keys: dict[str, PartitionKeys] = {}  # stream key -> its partition's keys
         self.ready = asyncio.Event()
         self.healthy = True
-        self.populations: dict[str, int] = {}  # base segment -> members
-        self._changed_populations: set[str] = set()
-        # Stream key -> newest entry id that the snapshot may already contain (see _apply).
-        self._replay_until: dict[str, tuple[int, int]] = {}
+        self.reloads = 0
+        self.overlapped_loads = 0
+        self.sources: dict[int, str] = {}  # partition -> "snapshot" or "bitmaps", last load
+        self._populations_dirty = True
         self._caught_up_at = time.monotonic()
         self._sized_at = 0.0
-        self._seeded = False
+        self._gaps_checked_at = time.monotonic()
+        self._snapshot_at = time.monotonic()
 
+    # -- loading -------------------------------------------------------------------------
     async def load_snapshot(self) -> None:
+        """Load every known partition; the replica is ready afterwards."""
+        started = time.monotonic()
         raw = await self.client.smembers(partitions_key(self.prefix, self.topic))
         for partition in sorted(int(p) for p in raw):
-            await self._load_partition(PartitionKeys(self.prefix, self.topic, partition))
-        self._update_gauges()
+            await self.load_partition(PartitionKeys(self.prefix, self.topic, partition))
+        self._update_gauges(force=True)
         self.ready.set()
         self.metrics.ready.set(1)
         log.info(
-            "replica loaded: %d cookies, %d memberships",
-            len(self.replica.positions),
+            "replica loaded in %.1fs: %d cookies, %d memberships",
+            time.monotonic() - started,
+            self.replica.cookie_count,
             self.replica.membership_count,
         )
 
-    async def _load_partition(self, keys: PartitionKeys) -> None:
-        # Read the stream position first: changes after it are replayed on top of the
-        # snapshot, and replaying an absolute add/remove in order is harmless.
-        last: Any = await self.client.xrevrange(keys.changes, count=1)
-        self.cursors[keys.changes] = as_bytes(last[0][0]) if last else b"0-0"
-        ids = as_opt_bytes(await self.client.get(keys.ids)) or b""
-        self.replica.add_ids(
-            (position(keys.partition, i), int.from_bytes(ids[i * 8 : i * 8 + 8], "big"))
-            for i in range(len(ids) // 8)
+    async def load_partition(self, keys: PartitionKeys) -> None:
+        view, cursor, seq, source = await self._read_snapshot(keys)
+        if view is None:
+            # The stream position first: later entries are replayed on top of the bitmaps.
+            cursor, seq, _ = await self._stream_position(keys)
+            view = await self._read_bitmaps(keys)
+            source = "bitmaps"
+            newest: Any = await self.client.xrevrange(keys.changes, count=1)
+            if newest and parse_stream_id(newest[0][0]) > parse_stream_id(cursor):
+                # Commits landed during the scan: their entries will be replayed on top.
+                self.overlapped_loads += 1
+        ids = await self.client.get(keys.ids)
+        if ids:
+            hashes = np.frombuffer(as_bytes(ids), dtype=">u8").astype(np.uint64)
+            base = np.uint64(keys.partition << LOCAL_BITS)
+            positions = base + np.arange(len(hashes), dtype=np.uint64)
+            self.replica.ids.extend(hashes, positions)
+        self.replica.replace_partition(keys.partition, view)
+        self.cursors[keys.changes] = cursor
+        self.seqs[keys.changes] = seq
+        self._keys[keys.changes] = keys
+        self.sources[keys.partition] = source
+        log.info(
+            "partition %d loaded from %s: %d memberships", keys.partition, source, len(view.index)
         )
-        async for batch in self._scan(keys.bitmap_pattern):
-            values = await self.client.mget(batch)
-            for key, raw in zip(batch, values, strict=True):
-                if raw is None:
-                    continue
-                segment_id, _ = keys.parse_bitmap_key(key.decode())
-                locals_ = BitMap.deserialize(as_bytes(raw))
-                self.replica.add(segment_id, (position(keys.partition, loc) for loc in locals_))
-                self._count(segment_id, len(locals_))
-        # Entries up to the stream's end now may be in the bitmaps just read as well.
-        newest: Any = await self.client.xrevrange(keys.changes, count=1)
-        if newest and as_bytes(newest[0][0]) != self.cursors[keys.changes]:
-            self._replay_until[keys.changes] = _entry_id(newest[0][0])
 
-    async def _scan(self, pattern: str) -> Any:
+    async def _read_snapshot(
+        self, keys: PartitionKeys
+    ) -> tuple[PartitionIndex | None, bytes, int, str]:
+        fields: Any = await self.client.hmget(
+            keys.snapshot, ["cursor", "seq", "slots", "index", "populations"]
+        )
+        if any(f is None for f in fields):
+            return None, b"0-0", 0, "none"
+        cursor, seq = as_bytes(fields[0]), int(fields[1])
+        if await self._trimmed_after(keys, seq):
+            log.info("partition %d: snapshot older than the stream's history", keys.partition)
+            return None, b"0-0", 0, "none"
+        slot_names: list[str] = orjson.loads(fields[2])
+        view = PartitionIndex(
+            index=BitMap64.deserialize(as_bytes(fields[3])),
+            slot_names=slot_names,
+            slots={name: n for n, name in enumerate(slot_names)},
+            populations=orjson.loads(fields[4]),
+        )
+        return view, cursor, seq, "snapshot"
+
+    async def _read_bitmaps(self, keys: PartitionKeys) -> PartitionIndex:
+        view = PartitionIndex()
         cursor = 0
         while True:
-            cursor, batch = await self.client.scan(cursor, match=pattern, count=SCAN_BATCH)
+            cursor, batch = await self.client.scan(
+                cursor, match=keys.bitmap_pattern, count=SCAN_BATCH
+            )
             if batch:
-                yield batch
+                values = await self.client.mget(batch)
+                for key, raw in zip(batch, values, strict=True):
+                    if raw is not None:
+                        segment_id, _ = keys.parse_bitmap_key(as_str(key))
+                        view.add_bulk(segment_id, BitMap.deserialize(as_bytes(raw)).to_array())
             if cursor == 0:
-                return
+                return view
 
+    async def _stream_position(self, keys: PartitionKeys) -> tuple[bytes, int, int]:
+        """(last entry id, entries ever added, entries removed from the head), read atomically."""
+        try:
+            info: Any = await self.client.xinfo_stream(keys.changes)
+        except ResponseError:
+            return b"0-0", 0, 0  # no stream yet
+        added = int(info["entries-added"])
+        return as_bytes(info["last-generated-id"]), added, added - int(info["length"])
+
+    async def _trimmed_after(self, keys: PartitionKeys, seq: int) -> bool:
+        """True when entries after the first ``seq`` were trimmed away (a gap we cannot read).
+
+        ``XTRIM`` does not move ``max-deleted-entry-id``, so count: the head has lost
+        ``entries-added - length`` entries; more than we had consumed means a gap.
+        """
+        _, _, removed = await self._stream_position(keys)
+        return removed > seq
+
+    # -- following -----------------------------------------------------------------------
     async def follow(self, stop: asyncio.Event) -> None:
         """Tail the change streams until ``stop``; survive Redis outages with backoff."""
         backoff = 0.1
@@ -107,28 +180,21 @@ class ChangeFollower:
                 if time.monotonic() - known_partitions_checked > 1.0:
                     await self._discover_partitions()
                     known_partitions_checked = time.monotonic()
+                if time.monotonic() - self._gaps_checked_at > GAP_CHECK_INTERVAL:
+                    await self._reload_trimmed()
+                    self._gaps_checked_at = time.monotonic()
+                if (
+                    self.snapshot_interval
+                    and time.monotonic() - self._snapshot_at > self.snapshot_interval
+                ):
+                    await self.write_snapshots()
+                    self._snapshot_at = time.monotonic()
                 if not self.cursors:
                     # Nothing written yet: Redis answered, and there is nothing to catch up on.
-                    self._caught_up_at = time.monotonic()
-                    self.healthy = True
-                    self.metrics.redis_connected.set(1)
-                    self.metrics.change_stream_lag.set(0)
+                    self._mark_healthy(caught_up=True)
                     await asyncio.sleep(self.block_ms / 1000)
                     continue
-                streams: dict[Any, Any] = dict(self.cursors)
-                reply: Any = await self.client.xread(streams, count=READ_COUNT, block=self.block_ms)
-                behind = False
-                for stream, entries in reply or []:
-                    key = as_str(stream)
-                    behind = behind or len(entries) >= READ_COUNT
-                    for entry_id, fields in entries:
-                        self._apply(fields[b"d"], self._maybe_in_snapshot(key, entry_id))
-                        self.cursors[key] = entry_id
-                if not behind:
-                    self._caught_up_at = time.monotonic()
-                self._update_gauges()
-                self.healthy = True
-                self.metrics.redis_connected.set(1)
+                await self._read_once()
                 backoff = 0.1
             except RedisError as exc:
                 self.healthy = False
@@ -139,70 +205,91 @@ class ChangeFollower:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    async def _read_once(self) -> None:
+        streams: dict[Any, Any] = dict(self.cursors)
+        reply: Any = await self.client.xread(streams, count=READ_COUNT, block=self.block_ms)
+        behind = False
+        for stream, entries in reply or []:
+            key = as_str(stream)
+            behind = behind or len(entries) >= READ_COUNT
+            for entry_id, fields in entries:
+                self._apply(fields[b"d"])
+                self.cursors[key] = entry_id
+                self.seqs[key] += 1
+        self._mark_healthy(caught_up=not behind)
+
+    def _mark_healthy(self, *, caught_up: bool) -> None:
+        if caught_up:
+            self._caught_up_at = time.monotonic()
+        self.healthy = True
+        self.metrics.redis_connected.set(1)
+        self._update_gauges()
+        if caught_up:
+            self.metrics.change_stream_lag.set(0)
+
     async def _discover_partitions(self) -> None:
         raw = await self.client.smembers(partitions_key(self.prefix, self.topic))
         for partition in sorted(int(p) for p in raw):
             keys = PartitionKeys(self.prefix, self.topic, partition)
             if keys.changes not in self.cursors:
-                await self._load_partition(keys)
+                await self.load_partition(keys)
 
-    def _maybe_in_snapshot(self, stream: str, entry_id: bytes) -> bool:
-        until = self._replay_until.get(stream)
-        if until is None:
-            return False
-        if _entry_id(entry_id) <= until:
-            return True
-        del self._replay_until[stream]
-        return False
+    async def _reload_trimmed(self) -> None:
+        for stream in list(self.cursors):
+            if await self._trimmed_after(self._keys[stream], self.seqs[stream]):
+                log.warning("%s: fell behind the trimmed change stream; reloading", stream)
+                self.reloads += 1
+                await self.load_partition(self._keys[stream])
 
-    def _apply(self, payload: bytes, maybe_in_snapshot: bool = False) -> None:
-        """Apply one entry; an entry the snapshot may hold already is counted by what it changed.
-
-        Ingest writes only transitions, so an entry read after the snapshot changes the
-        populations by the sizes of its lists; measuring the index (a few ms at 10M cookies)
-        is kept for the few entries replayed over the snapshot.
-        """
+    def _apply(self, payload: bytes) -> None:
         doc = orjson.loads(payload)
         self.replica.add_ids((pos, h) for pos, h in doc["n"])
         for segment_id, positions in doc["a"].items():
-            before = self.replica.membership_count if maybe_in_snapshot else 0
             self.replica.add(segment_id, positions)
-            added = self.replica.membership_count - before if maybe_in_snapshot else len(positions)
-            self._count(segment_id, added)
         for segment_id, positions in doc["r"].items():
-            before = self.replica.membership_count if maybe_in_snapshot else 0
             self.replica.remove(segment_id, positions)
-            gone = before - self.replica.membership_count if maybe_in_snapshot else len(positions)
-            self._count(segment_id, -gone)
+        self._populations_dirty = True
         self.metrics.changes_applied.inc()
         self.metrics.freshness_seconds.observe(max(0.0, time.time() - doc["t"]))
 
-    def _count(self, segment_id: str, delta: int) -> None:
-        self.populations[segment_id] = self.populations.get(segment_id, 0) + delta
-        self._changed_populations.add(segment_id)
+    # -- snapshots -----------------------------------------------------------------------
+    async def write_snapshots(self) -> int:
+        """Write each partition's index with the stream id it reflects; one writer at a time."""
+        written = 0
+        for stream, keys in list(self._keys.items()):
+            locked = await self.client.set(keys.snapshot_lock, b"1", nx=True, ex=60)
+            if not locked:
+                continue  # another replica is writing this partition
+            try:
+                view = self.replica.partitions.get(keys.partition)
+                if view is None:
+                    continue
+                # No await between reading the cursor and serialising: they are consistent.
+                mapping = {
+                    "cursor": self.cursors[stream],
+                    "seq": str(self.seqs[stream]),
+                    "slots": orjson.dumps(view.slot_names),
+                    "index": view.index.serialize(),
+                    "populations": orjson.dumps(view.populations),
+                    "written_at": str(time.time()),
+                }
+                await self.client.hset(keys.snapshot, mapping=mapping)  # type: ignore[arg-type]  # bytes values are fine
+                written += 1
+            finally:
+                await self.client.delete(keys.snapshot_lock)
+        return written
 
-    def _update_gauges(self) -> None:
-        self.metrics.cookies.set(len(self.replica.positions))
-        self.metrics.memberships.set(self.replica.membership_count)
+    # -- gauges --------------------------------------------------------------------------
+    def _update_gauges(self, *, force: bool = False) -> None:
         self.metrics.change_stream_lag.set(time.monotonic() - self._caught_up_at)
-        if not self._seeded:
-            # Base segments nobody is in yet are reported as 0, not absent.
-            self._seeded = True
+        if self._populations_dirty or force:
+            self._populations_dirty = False
+            populations = self.replica.populations()
             for segment_id in self.replica.rules.base_segment_ids:
-                self._count(segment_id, 0)
-        for segment_id in self._changed_populations:
-            self.metrics.segment_members.set(segment_id, self.populations[segment_id])
-        self._changed_populations.clear()
-        if time.monotonic() - self._sized_at >= SIZE_INTERVAL:
-            self._sized_at = time.monotonic()
-            stats = self.replica.index.get_statistics()
-            self.metrics.bitmap_bytes.set(
-                stats["n_bytes_array_containers"]
-                + stats["n_bytes_run_containers"]
-                + stats["n_bytes_bitset_containers"]
-            )
-
-
-def _entry_id(raw: bytes | str) -> tuple[int, int]:
-    ms, _, seq = as_str(raw).partition("-")
-    return int(ms), int(seq or 0)
+                self.metrics.segment_members.set(segment_id, populations.get(segment_id, 0))
+        if not force and time.monotonic() - self._sized_at < SIZE_INTERVAL:
+            return
+        self._sized_at = time.monotonic()
+        self.metrics.cookies.set(self.replica.cookie_count)
+        self.metrics.memberships.set(self.replica.membership_count)
+        self.metrics.bitmap_bytes.set(self.replica.bitmap_bytes())

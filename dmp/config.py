@@ -45,6 +45,8 @@ class LookupSettings:
     port: int = 8080
     follow_block_ms: int = 100
     answer_cache_size: int = 100_000
+    # How often one replica writes each partition's index to Redis so others start fast (0: never).
+    snapshot_interval_seconds: float = 300.0
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,15 @@ class PartitionKeys:
         return f"{self.tag}:changes"
 
     @property
+    def snapshot(self) -> str:
+        """Hash: the replica's user-major index of this partition and the stream id it is at."""
+        return f"{self.tag}:snapshot"
+
+    @property
+    def snapshot_lock(self) -> str:
+        return f"{self.tag}:snapshot-lock"
+
+    @property
     def due(self) -> str:
         """Sorted set: cookie id -> the time its memberships may next change by themselves."""
         return f"{self.tag}:due"

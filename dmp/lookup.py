@@ -47,7 +47,7 @@ def create_lookup_app(
     app[RULES] = rules
     app[METRICS] = metrics or LookupMetrics.create(multiproc_dir=settings.prometheus_multiproc_dir)
     app[METRICS].set_rule_set(rules.version)
-    app[REPLICA] = Replica(rules)
+    app[REPLICA] = Replica(rules, cache_size=settings.lookup.answer_cache_size)
     app.cleanup_ctx.append(_follow_changes)
     app.router.add_get("/v1/users/{uid}/segments", user_segments)
     app.router.add_get("/healthz", healthz)
@@ -67,6 +67,7 @@ async def _follow_changes(app: web.Application) -> AsyncIterator[None]:
         prefix=settings.redis.key_prefix,
         topic=settings.kafka.topic,
         block_ms=settings.lookup.follow_block_ms,
+        snapshot_interval=settings.lookup.snapshot_interval_seconds,
     )
     app[FOLLOWER] = follower
     stop = asyncio.Event()

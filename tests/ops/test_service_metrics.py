@@ -176,7 +176,7 @@ async def test_segment_populations_stay_exact_when_snapshots_overlap_writes(
                 block_ms=50,
             )
             await follower.load_snapshot()
-            overlapped += bool(follower._replay_until)  # white-box: did this test bite?
+            overlapped += follower.overlapped_loads  # did a load overlap a commit?
             followers.append(follower)
             tasks.append(asyncio.create_task(follower.follow(stop)))
             await asyncio.sleep(0.03)
@@ -192,12 +192,14 @@ async def test_segment_populations_stay_exact_when_snapshots_overlap_writes(
         async def settled() -> bool:
             nonlocal truth
             truth = await redis_truth(redis_client, settings)
-            return all(f.populations == truth for f in followers)
+            return all(f.replica.populations() == truth for f in followers)
 
         deadline = time.monotonic() + 15
         while not await settled():
             if time.monotonic() > deadline:
-                wrong = [f.populations for f in followers if f.populations != truth]
+                wrong = [
+                    f.replica.populations() for f in followers if f.replica.populations() != truth
+                ]
                 raise AssertionError(f"Redis has {truth}; replicas say {wrong}")
             await asyncio.sleep(0.1)
         assert truth == {"auto_new_car_intent": 60 * 8, "geo_socal": 60 * 16}

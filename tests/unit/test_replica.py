@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dmp.ids import position, uid_hash
+from dmp.replica import IdIndex, Replica
+from segment_rules import CompiledRules, parse_rules
+
+RULES = """segments:
+  - id: a
+    rule: {within: 1d, where: {field: type, equals: click}}
+  - id: b
+    rule: {within: 1d, where: {field: type, equals: page_view}}
+  - id: c
+    status: paused
+    rule: {within: 1d, where: {field: type, equals: search}}
+  - id: a_and_b
+    of: {and: [a, b]}
+  - id: a_not_b
+    of: {and: [a, {not: b}]}
+  - id: any_of
+    of: {or: [a_and_b, c]}
+  - id: deep
+    of: {and: [any_of, a]}
+"""
+
+
+def test_id_index_later_position_wins() -> None:
+    index = IdIndex()
+    index.extend(np.array([5, 3, 5], dtype=np.uint64), np.array([10, 11, 12], dtype=np.uint64))
+    assert index.get(5) == 12
+    assert index.get(3) == 11
+    assert index.get(4) is None
+    index.add(3, 99)
+    assert index.get(3) == 99
+    index.extend(np.array([7], dtype=np.uint64), np.array([1], dtype=np.uint64))
+    assert (index.get(3), index.get(7), index.get(5)) == (99, 1, 12)
+
+
+def test_lookup_cache_is_evicted_by_changes() -> None:
+    replica = Replica(CompiledRules(parse_rules(RULES)))
+    pos = position(1, 7)
+    replica.add_ids([(pos, uid_hash("u"))])
+    replica.add("a", [pos])
+    assert replica.segments("u") == ["a", "a_not_b"]
+    assert replica.segments("u") == ["a", "a_not_b"]  # cached
+    assert replica.add("b", [pos]) == 1
+    assert replica.add("b", [pos]) == 0  # absolute: replaying is harmless
+    assert replica.segments("u") == ["a", "b", "a_and_b", "any_of", "deep"]
+    replica.remove("a", [pos])
+    assert replica.segments("u") == ["b"]
+    assert replica.populations() == {"a": 0, "b": 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.sampled_from(["a", "b", "c"])))
+def test_indexed_composites_agree_with_full_evaluation(base: set[str]) -> None:
+    rules = CompiledRules(parse_rules(RULES))
+    replica = Replica(rules)
+    pos = position(0, 1)
+    replica.add_ids([(pos, uid_hash("x"))])
+    for seg in base:
+        replica.add(seg, [pos])
+    # The compiler evaluates every composite; the replica only the reachable ones.
+    active_base = [s for s in sorted(base) if s != "c"]
+    expected = rules.with_composites(active_base) if active_base else []
+    assert replica.segments("x") == expected
