@@ -25,8 +25,25 @@ class Fenced(Exception):
     """Another consumer wrote this partition since we loaded it: we no longer own it."""
 
 
+# One command for a whole batch's cookie states (redis-py's per-command cost dominated ingest
+# when each state was its own SET); all keys share the partition's hash tag, so one slot.
+SET_STATES = """
+for i = 1, #KEYS do
+    redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', ARGV[1])
+end
+return #KEYS
+"""
+# Per partition; past this the cache is dropped whole and refilled from Redis.
+MAX_CACHED_STATES = 500_000
+
+
 class PartitionStore:
-    """Reads and atomically writes one partition's state; caches the bitmap chunks it owns."""
+    """Reads and atomically writes one partition's state; caches what it alone writes.
+
+    The consumer that owns a partition is its only writer, so its cached cookie states and
+    bitmap chunks are the truth as long as every commit succeeds; any failed commit drops
+    both caches, since the batch's plan already changed the cached states in place.
+    """
 
     def __init__(
         self, client: aioredis.Redis, keys: PartitionKeys, *, state_ttl: int, stream_maxlen: int
@@ -38,25 +55,32 @@ class PartitionStore:
         self.next_offset: int | None = None
         self.next_local = 0
         self._chunks: dict[tuple[str, int], BitMap] = {}
+        self._states: dict[str, CookieState] = {}
 
     async def load(self) -> None:
         offset, next_local = await self.client.mget([self.keys.offset, self.keys.next_local])
         self.next_offset = int(offset) if offset is not None else None
         self.next_local = int(next_local) if next_local is not None else 0
         self._chunks.clear()
+        self._states.clear()
         await self.client.sadd(
             partitions_key(self.keys.prefix, self.keys.topic), str(self.keys.partition)
         )
 
     async def fetch_states(self, uids: Iterable[str]) -> dict[str, CookieState | None]:
-        uid_list = list(uids)
-        if not uid_list:
-            return {}
-        raws = await self.client.mget([self.keys.cookie(u) for u in uid_list])
-        return {
-            uid: CookieState.decode(as_bytes(raw)) if raw is not None else None
-            for uid, raw in zip(uid_list, raws, strict=True)
-        }
+        found: dict[str, CookieState | None] = {}
+        missing = []
+        for uid in uids:
+            state = self._states.get(uid)
+            if state is None:
+                missing.append(uid)
+            else:
+                found[uid] = state
+        if missing:
+            raws = await self.client.mget([self.keys.cookie(u) for u in missing])
+            for uid, raw in zip(missing, raws, strict=True):
+                found[uid] = CookieState.decode(as_bytes(raw)) if raw is not None else None
+        return found
 
     async def due_uids(self, now: float, limit: int) -> list[str]:
         raw = await self.client.zrangebyscore(self.keys.due, "-inf", now, start=0, num=limit)
@@ -73,6 +97,21 @@ class PartitionStore:
 
     async def commit(self, plan: BatchPlan, next_offset: int | None, produced_at: float) -> None:
         """Write the plan, the new offset and a change-stream entry in one transaction."""
+        try:
+            await self._commit(plan, next_offset, produced_at)
+        except BaseException:
+            self._chunks.clear()
+            self._states.clear()
+            raise
+        if len(self._states) + len(plan.states) > MAX_CACHED_STATES:
+            self._states.clear()
+        for uid, state in plan.states.items():
+            if state.history or state.members:
+                self._states[uid] = state
+            else:
+                self._states.pop(uid, None)
+
+    async def _commit(self, plan: BatchPlan, next_offset: int | None, produced_at: float) -> None:
         dirty = await self._dirty_chunks(plan)
         async with self.client.pipeline(transaction=True) as pipe:
             await pipe.watch(self.keys.offset)
@@ -81,8 +120,21 @@ class PartitionStore:
                 self._chunks.clear()  # our cached copies may be stale
                 raise Fenced(f"{self.keys.tag}: offset moved to {stored!r}")
             pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves multi() untyped
-            for uid, state in plan.states.items():
-                pipe.set(self.keys.cookie(uid), state.encode(), ex=self.state_ttl)
+            kept = [(u, s) for u, s in plan.states.items() if s.history or s.members]
+            if kept:
+                pipe.eval(
+                    SET_STATES,
+                    len(kept),
+                    *[self.keys.cookie(u) for u, _ in kept],
+                    self.state_ttl,
+                    *[s.encode() for _, s in kept],
+                )
+            # A cookie with nothing left to remember is forgotten (it is numbered anew if seen).
+            emptied = [
+                self.keys.cookie(u) for u, s in plan.states.items() if not (s.history or s.members)
+            ]
+            if emptied:
+                pipe.delete(*emptied)
             for (segment_id, chunk), bitmap in dirty.items():
                 if bitmap:
                     pipe.set(self.keys.bitmap(segment_id, chunk), bitmap.serialize())
