@@ -186,6 +186,8 @@ class CompiledRules:
         assert leaf.half_life is not None
         forms = sorted(([e.points, predicate_form(e.where)] for e in leaf.entries), key=repr)
         tid = _state_id(DECAY, leaf.half_life, leaf.memory, forms)
+        if tid in self._traits:
+            return (tid,)  # the same score in another rule: its updates are in already
         trait = self._trait(tid, DECAY, 2, leaf.memory)
         for entry in leaf.entries:
             update = _Update(trait, points=entry.points, half_life=leaf.half_life)

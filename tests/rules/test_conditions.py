@@ -179,6 +179,15 @@ def test_decaying_score_leaves_when_it_crosses_the_threshold() -> None:
     assert c.next_change(NOW + DAY) == pytest.approx(NOW + DAY + DAY * 2.584962500721156)
 
 
+def test_a_score_shared_by_two_segments_counts_each_event_once() -> None:
+    score = "{score: [{points: 1, where: {field: type, equals: click}}, {points: 1, where: {field: type, equals: click}}], at_least: 3, half_life: 1h}"
+    c = Cookie(f"segments:\n  - id: a\n    rule: {score}\n  - id: b\n    rule: {score}\n")
+    c.see(NOW, type="click")  # two entries match: 2 points, not 4
+    assert c.members(NOW) == frozenset()
+    c.see(NOW, type="click")
+    assert c.members(NOW) == {"a", "b"}
+
+
 def test_ttl_expires_unless_requalified() -> None:
     c = Cookie(
         "segments:\n  - id: s\n    ttl: 2d\n    rule: {within: 30d, where: {field: type, equals: click}}\n"
