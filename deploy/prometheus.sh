@@ -9,6 +9,7 @@
 # Targets (comma-separated host:port lists):
 #   DMP_PROMETHEUS_INGEST_TARGETS  default 127.0.0.1:$DMP_INGEST_METRICS_PORT (9464)
 #   DMP_PROMETHEUS_LOOKUP_TARGETS  default 127.0.0.1:$DMP_LOOKUP_PORT (8080)
+#   DMP_PROMETHEUS_DESTINATIONS_TARGETS  default none (dmp destinations is optional)
 #   DMP_PROMETHEUS_SCRAPE_INTERVAL default 5s (also the rule evaluation interval)
 #   DMP_PROMETHEUS_RETENTION       default 2d
 set -euo pipefail
@@ -24,6 +25,7 @@ RULES_DIR="$DMP_ROOT/deploy/prometheus/rules"
 START_TIMEOUT=30
 INGEST_TARGETS="${DMP_PROMETHEUS_INGEST_TARGETS:-$DMP_HOST:${DMP_INGEST_METRICS_PORT:-9464}}"
 LOOKUP_TARGETS="${DMP_PROMETHEUS_LOOKUP_TARGETS:-$DMP_HOST:${DMP_LOOKUP_PORT:-8080}}"
+DESTINATIONS_TARGETS="${DMP_PROMETHEUS_DESTINATIONS_TARGETS:-}"
 INTERVAL="${DMP_PROMETHEUS_SCRAPE_INTERVAL:-5s}"
 RETENTION="${DMP_PROMETHEUS_RETENTION:-2d}"
 # The config path is on the command line: it tells our server from any other prometheus.
@@ -72,6 +74,13 @@ scrape_configs:
     static_configs:
       - targets: $(yaml_targets "$LOOKUP_TARGETS")
 EOF
+    if [[ -n $DESTINATIONS_TARGETS ]]; then
+        cat <<EOF
+  - job_name: dmp-destinations
+    static_configs:
+      - targets: $(yaml_targets "$DESTINATIONS_TARGETS")
+EOF
+    fi
 }
 
 cmd_config() {

@@ -39,7 +39,8 @@ rule_files:
   - /etc/prometheus/rules/*.yml
 scrape_configs:
   # Pods that ask for it with the prometheus.io/* annotations (see the Deployments); the
-  # job label is the pod's app.kubernetes.io/name (dmp-ingest, dmp-lookup), as the rules expect.
+  # job label is the pod's app.kubernetes.io/name (dmp-ingest, dmp-lookup, dmp-destinations),
+  # as the rules expect.
   - job_name: dmp-pods
     kubernetes_sd_configs:
       - role: pod

@@ -77,7 +77,15 @@ def unit(name: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize(("name", "command"), [("dmp-lookup", "lookup"), ("dmp-ingest", "ingest")])
+# Longer than each service may take to drain: aiohttp waits 60 s for in-flight requests,
+# ingest finishes one batch, destinations give their sends 10 s.
+DRAIN_SECONDS = {"lookup": 60, "ingest": 30, "destinations": 10}
+
+
+@pytest.mark.parametrize(
+    ("name", "command"),
+    [("dmp-lookup", "lookup"), ("dmp-ingest", "ingest"), ("dmp-destinations", "destinations")],
+)
 def test_systemd_unit_verifies(tmp_path: Path, name: str, command: str) -> None:
     analyze = tool("systemd-analyze", "apt-get install systemd")
     keys = unit(f"{name}.service")
@@ -87,8 +95,7 @@ def test_systemd_unit_verifies(tmp_path: Path, name: str, command: str) -> None:
     assert keys["KillSignal"] == "SIGTERM"
     assert keys["EnvironmentFile"] == "/etc/dmp/dmp.env"
     assert keys["MemoryMax"].endswith("G")
-    # Longer than what the service may take to drain (aiohttp: 60 s for in-flight requests).
-    assert int(keys["TimeoutStopSec"]) > (60 if command == "lookup" else 30)
+    assert int(keys["TimeoutStopSec"]) > DRAIN_SECONDS[command]
 
     # verify needs ExecStart to exist: point it at this checkout's dmp command.
     local = tmp_path / f"{name}.service"
@@ -156,6 +163,7 @@ def test_kubernetes_workloads_fit_the_services() -> None:
     for name, command, port_setting in (
         ("dmp-lookup", "lookup", "DMP_LOOKUP_PORT"),
         ("dmp-ingest", "ingest", "DMP_INGEST_METRICS_PORT"),
+        ("dmp-destinations", "destinations", "DMP_PARTNER_DESTINATIONS_METRICS_PORT"),
     ):
         deployment = find("Deployment", name)
         spec = deployment["spec"]
@@ -180,6 +188,9 @@ def test_kubernetes_workloads_fit_the_services() -> None:
     assert lookup["terminationGracePeriodSeconds"] > 60
     ingest = find("Deployment", "dmp-ingest")
     assert ingest["spec"]["replicas"] <= int(env["DMP_KAFKA_PARTITIONS"])
+    destinations = find("Deployment", "dmp-destinations")["spec"]
+    assert destinations["replicas"] == 1  # one durable cursor per destination
+    assert destinations["strategy"] == {"type": "Recreate"}
 
     selector = {"app.kubernetes.io/name": "dmp-lookup"}
     assert find("PodDisruptionBudget", "dmp-lookup")["spec"]["selector"]["matchLabels"] == selector
