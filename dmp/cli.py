@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dmp.config import Settings, describe
 from dmp.logs import configure_logging
+from dmp.rules_cli import add_rules_commands
 from segment_rules import CompiledRules, RuleFileError, load_rules_file
 
 
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p = rules_sub.add_parser("validate", help="check rule files; exit 1 on any error")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_rules_validate)
+    add_rules_commands(rules_sub)
     return parser
 
 

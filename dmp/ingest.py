@@ -25,11 +25,13 @@ from dmp.logs import log_context
 from dmp.metrics import IngestMetrics
 from dmp.partition_batch import BatchPlan, plan_batch
 from dmp.partition_store import Fenced, PartitionStore
+from dmp.rule_versions import RuleVersions, RuleWatcher
 from segment_rules import CompiledRules
 
 log = logging.getLogger(__name__)
 DUE_SWEEP_INTERVAL = 1.0
 DAY = 86400
+RULES_POLL_INTERVAL = 1.0
 OBSERVE_INTERVAL = 1.0  # seconds between consumer lag / connection readings
 # No fetch response for this long on an owned partition: the broker is out of reach.
 KAFKA_STALE_MS = 15_000
@@ -54,8 +56,28 @@ class IngestService:
         self._consumer: AIOKafkaConsumer | None = None
         self.state_ttl = int(self._retention_seconds())
         self._observed_at = 0.0
+        self.rule_watcher = RuleWatcher(
+            RuleVersions(redis, settings.redis.key_prefix), rules, self._swap_rules
+        )
+        self._rules_polled_at = 0.0
         metrics.set_rule_set(rules.version)
         metrics.kafka_connected.set(0)
+
+    def _swap_rules(self, rules: CompiledRules, number: int) -> None:
+        """Between batches: every later batch is evaluated by the new version as a whole."""
+        self.rules = rules
+        self.state_ttl = int(self._retention_seconds())
+        for store in self.partitions.values():
+            store.state_ttl = self.state_ttl
+        self.metrics.set_rule_set(rules.version)
+
+    async def _poll_rules(self) -> None:
+        if time.monotonic() - self._rules_polled_at >= RULES_POLL_INTERVAL:
+            self._rules_polled_at = time.monotonic()
+            try:
+                await self.rule_watcher.poll()
+            except RedisError as exc:  # the batch path has its own retries; try again later
+                log.warning("rule version check failed (%s)", exc)
 
     def _retention_seconds(self) -> float:
         longest = max((t.keep_for for t in self.rules.traits), default=0.0)
@@ -83,6 +105,7 @@ class IngestService:
             if started is not None:
                 started.set()
             while not stop.is_set():
+                await self._poll_rules()
                 batches = await consumer.getmany(
                     timeout_ms=k.poll_timeout_ms, max_records=k.max_batch
                 )

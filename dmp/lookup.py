@@ -18,9 +18,11 @@ from dmp.config import Settings
 from dmp.logs import REQUEST_ID_HEADER, bind, request_id, unbind
 from dmp.metrics import CONTENT_TYPE, DEADLINE_OUTCOME, NO_PARTNER, PARTNER_LABEL, LookupMetrics
 from dmp.replica import Replica
+from dmp.rule_versions import RuleVersions, RuleWatcher
 from segment_rules import CompiledRules
 
 log = logging.getLogger(__name__)
+RULES_POLL_INTERVAL = 1.0
 MAX_UID_LENGTH = 128
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -72,10 +74,26 @@ async def _follow_changes(app: web.Application) -> AsyncIterator[None]:
     app[FOLLOWER] = follower
     stop = asyncio.Event()
 
+    def swap_rules(rules: CompiledRules, number: int) -> None:
+        # One assignment inside the replica: a request sees the old or the new version whole.
+        app[REPLICA].set_rules(rules)
+        app[METRICS].set_rule_set(rules.version)
+
+    watcher = RuleWatcher(RuleVersions(client, settings.redis.key_prefix), app[RULES], swap_rules)
+
+    async def watch_rules() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(RULES_POLL_INTERVAL)
+            try:
+                await watcher.poll()
+            except Exception as exc:
+                log.warning("rule version check failed (%s)", exc)
+
     async def load_then_follow() -> None:
         backoff = 0.2
         while not stop.is_set():
             try:
+                await watcher.poll()  # an applied version wins over the file we started with
                 await follower.load_snapshot()
                 break
             except Exception as exc:
@@ -86,10 +104,14 @@ async def _follow_changes(app: web.Application) -> AsyncIterator[None]:
         await follower.follow(stop)
 
     task = asyncio.create_task(load_then_follow(), name="change-follower")
+    rules_task = asyncio.create_task(watch_rules(), name="rule-watcher")
     try:
         yield
     finally:
         stop.set()
+        rules_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rules_task
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(task), timeout=2.0)
         if not task.done():

@@ -1,0 +1,131 @@
+"""Audience arithmetic on the store: populations, overlaps and samples, as ad ops plan with.
+
+Composite segments are computed by bitmap algebra over their parts, partition by partition
+(positions of different partitions never meet, so the partition results simply add up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from pyroaring import BitMap
+
+from dmp.cookie_state import CookieState
+from dmp.keys import PartitionKeys, partitions_key
+from dmp.redis_types import as_bytes, as_str
+from segment_rules import CompiledRules
+from segment_rules.model import All, AnyOf, Composite, Not, SegmentRef
+
+SCAN_COUNT = 1000
+
+
+@dataclass(frozen=True)
+class Overlap:
+    a: str
+    b: str
+    both: int
+    a_total: int
+    b_total: int
+
+    @property
+    def percent_of_a(self) -> float:
+        return 100.0 * self.both / self.a_total if self.a_total else 0.0
+
+    @property
+    def percent_of_b(self) -> float:
+        return 100.0 * self.both / self.b_total if self.b_total else 0.0
+
+
+class Audience:
+    def __init__(
+        self, client: aioredis.Redis, prefix: str, topic: str, rules: CompiledRules
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.topic = topic
+        self.rules = rules
+        self._segments = {s.id: s for s in rules.ruleset.segments}
+
+    def _check(self, segment_id: str) -> None:
+        if segment_id not in self._segments:
+            known = ", ".join(sorted(self._segments))
+            raise KeyError(f"unknown segment '{segment_id}'; known: {known}")
+
+    async def partitions(self) -> list[PartitionKeys]:
+        raw = await self.client.smembers(partitions_key(self.prefix, self.topic))
+        return [PartitionKeys(self.prefix, self.topic, int(p)) for p in sorted(int(x) for x in raw)]
+
+    async def members(self, segment_id: str, keys: PartitionKeys) -> BitMap:
+        """Local positions of ``segment_id``'s members in one partition."""
+        self._check(segment_id)
+        seg = self._segments[segment_id]
+        if seg.of is not None:
+            return await self._evaluate(seg.of, keys)
+        result = BitMap()
+        cursor = 0
+        pattern = f"{keys.tag}:bm:{segment_id}:*"
+        while True:
+            cursor, batch = await self.client.scan(cursor, match=pattern, count=SCAN_COUNT)
+            if batch:
+                for raw in await self.client.mget(batch):
+                    if raw is not None:
+                        result |= BitMap.deserialize(as_bytes(raw))
+            if cursor == 0:
+                return result
+
+    async def _evaluate(self, expr: Composite, keys: PartitionKeys) -> BitMap:
+        if isinstance(expr, SegmentRef):
+            return await self.members(expr.segment_id, keys)
+        if isinstance(expr, Not):
+            universe = BitMap(range(int(await self.client.get(keys.next_local) or 0)))
+            return universe - await self._evaluate(expr.part, keys)
+        parts = [await self._evaluate(p, keys) for p in expr.parts]
+        result = parts[0]
+        for part in parts[1:]:
+            result = result & part if isinstance(expr, All) else result | part
+        assert isinstance(expr, All | AnyOf)
+        return result
+
+    async def estimate(self, segment_id: str) -> int:
+        return sum([len(await self.members(segment_id, k)) for k in await self.partitions()])
+
+    async def overlap(self, segment_ids: list[str]) -> list[Overlap]:
+        for s in segment_ids:
+            self._check(s)
+        totals = dict.fromkeys(segment_ids, 0)
+        both: dict[tuple[str, str], int] = {}
+        for keys in await self.partitions():
+            bitmaps = {s: await self.members(s, keys) for s in segment_ids}
+            for s in segment_ids:
+                totals[s] += len(bitmaps[s])
+            for i, a in enumerate(segment_ids):
+                for b in segment_ids[i + 1 :]:
+                    both[a, b] = both.get((a, b), 0) + bitmaps[a].intersection_cardinality(
+                        bitmaps[b]
+                    )
+        return [Overlap(a, b, n, totals[a], totals[b]) for (a, b), n in both.items()]
+
+    async def sample(self, segment_id: str, count: int) -> list[str]:
+        """A few member cookie ids (read from cookie states, which hold the ids)."""
+        self._check(segment_id)
+        found: list[str] = []
+        for keys in await self.partitions():
+            cursor = 0
+            prefix = f"{keys.tag}:c:"
+            while len(found) < count:
+                cursor, batch = await self.client.scan(cursor, match=prefix + "*", count=SCAN_COUNT)
+                if batch:
+                    raws: Any = await self.client.mget(batch)
+                    for key, raw in zip(batch, raws, strict=True):
+                        if raw is None:
+                            continue
+                        state = CookieState.decode(as_bytes(raw))
+                        if segment_id in self.rules.with_composites(state.members):
+                            found.append(as_str(key)[len(prefix) :])
+                            if len(found) == count:
+                                return found
+                if cursor == 0:
+                    break
+        return found

@@ -1,0 +1,158 @@
+"""``dmp rules ...``: the ad-ops commands that work against the store."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from dmp.audience import Audience
+from dmp.config import Settings
+from dmp.rule_versions import RuleVersions, describe_ruleset, diff_rules
+from segment_rules import CompiledRules, RuleFileError, explain, load_rules_file, parse_rules
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def add_rules_commands(rules_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = rules_sub.add_parser("apply", help="validate a file and make it the live version")
+    p.add_argument("file")
+    p.set_defaults(func=_sync(_apply))
+    p = rules_sub.add_parser("versions", help="list applied versions (* = live)")
+    p.set_defaults(func=_sync(_versions))
+    p = rules_sub.add_parser("diff", help="what a file would change against the live version")
+    p.add_argument("file")
+    p.set_defaults(func=_sync(_diff))
+    p = rules_sub.add_parser("rollback", help="make an earlier version live again")
+    p.add_argument("--to", type=int, help="version number (default: the one before the live one)")
+    p.set_defaults(func=_sync(_rollback))
+    p = rules_sub.add_parser("explain", help="a rule in plain English")
+    p.add_argument("segment")
+    p.set_defaults(func=_explain)
+    p = rules_sub.add_parser("estimate", help="a segment's population now, from the store")
+    p.add_argument("segment")
+    p.set_defaults(func=_sync(_estimate))
+    p = rules_sub.add_parser("overlap", help="pairwise overlap counts and percentages")
+    p.add_argument("segments", nargs="+")
+    p.set_defaults(func=_sync(_overlap))
+    p = rules_sub.add_parser("sample", help="a few member cookie ids, for debugging")
+    p.add_argument("segment")
+    p.add_argument("count", type=int, nargs="?", default=10)
+    p.set_defaults(func=_sync(_sample))
+
+
+def _sync(
+    command: Callable[[argparse.Namespace, Settings, aioredis.Redis], Awaitable[int]],
+) -> Command:
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        async def main() -> int:
+            client = aioredis.Redis.from_url(settings.redis.url)
+            try:
+                return await command(args, settings, client)
+            finally:
+                await client.aclose()
+
+        try:
+            return asyncio.run(main())
+        except RuleFileError as exc:
+            for error in exc.errors:
+                print(error, file=sys.stderr)
+            return 1
+        except (KeyError, LookupError) as exc:
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+async def _live_rules(settings: Settings, client: aioredis.Redis) -> CompiledRules:
+    """The live version if one was applied, else the configured file."""
+    active = await RuleVersions(client, settings.redis.key_prefix).active()
+    if active is not None:
+        return CompiledRules(parse_rules(active.text, f"rules v{active.number}"))
+    return CompiledRules(load_rules_file(settings.rules_path))
+
+
+async def _apply(args: argparse.Namespace, settings: Settings, client: aioredis.Redis) -> int:
+    text = await asyncio.to_thread(Path(args.file).read_text, encoding="utf-8")
+    versions = RuleVersions(client, settings.redis.key_prefix)
+    active = await versions.active()
+    changes = diff_rules(active.text, text) if active else ["+ (first version)"]
+    version = await versions.apply(text, args.file)
+    print(
+        f"applied {args.file} as version {version.number} ({describe_ruleset(parse_rules(text, args.file))})"
+    )
+    for line in changes:
+        print(f"  {line}")
+    return 0
+
+
+async def _versions(args: argparse.Namespace, settings: Settings, client: aioredis.Redis) -> int:
+    versions = RuleVersions(client, settings.redis.key_prefix)
+    live = await versions.active_number()
+    for v in await versions.list():
+        mark = "*" if v.number == live else " "
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v.applied_at))
+        print(f"{mark} {v.number:>4}  {when}Z  {v.sha256[:12]}  {v.source}")
+    return 0
+
+
+async def _diff(args: argparse.Namespace, settings: Settings, client: aioredis.Redis) -> int:
+    text = await asyncio.to_thread(Path(args.file).read_text, encoding="utf-8")
+    parse_rules(text, args.file)  # refuse to diff an invalid file: say why instead
+    active = await RuleVersions(client, settings.redis.key_prefix).active()
+    base = (
+        active.text
+        if active
+        else await asyncio.to_thread(settings.rules_path.read_text, encoding="utf-8")
+    )
+    lines = diff_rules(base, text)
+    for line in lines or ["no changes"]:
+        print(line)
+    return 0
+
+
+async def _rollback(args: argparse.Namespace, settings: Settings, client: aioredis.Redis) -> int:
+    version = await RuleVersions(client, settings.redis.key_prefix).rollback(args.to)
+    print(f"version {version.number} is live: {version.source}")
+    return 0
+
+
+def _explain(args: argparse.Namespace, settings: Settings) -> int:
+    ruleset = load_rules_file(settings.rules_path)
+    try:
+        print(explain(ruleset.segment(args.segment)))
+    except KeyError:
+        print(f"error: unknown segment '{args.segment}' in {settings.rules_path}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _audience(settings: Settings, client: aioredis.Redis, rules: CompiledRules) -> Audience:
+    return Audience(client, settings.redis.key_prefix, settings.kafka.topic, rules)
+
+
+async def _estimate(args: argparse.Namespace, settings: Settings, client: aioredis.Redis) -> int:
+    audience = _audience(settings, client, await _live_rules(settings, client))
+    print(f"{args.segment}: {await audience.estimate(args.segment)} cookies")
+    return 0
+
+
+async def _overlap(args: argparse.Namespace, settings: Settings, client: aioredis.Redis) -> int:
+    audience = _audience(settings, client, await _live_rules(settings, client))
+    print(f"{'A':<28} {'B':<28} {'both':>10} {'% of A':>7} {'% of B':>7}")
+    for o in await audience.overlap(args.segments):
+        print(f"{o.a:<28} {o.b:<28} {o.both:>10} {o.percent_of_a:>6.1f}% {o.percent_of_b:>6.1f}%")
+    return 0
+
+
+async def _sample(args: argparse.Namespace, settings: Settings, client: aioredis.Redis) -> int:
+    audience = _audience(settings, client, await _live_rules(settings, client))
+    for uid in await audience.sample(args.segment, args.count):
+        print(uid)
+    return 0
