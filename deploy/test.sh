@@ -35,7 +35,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-"$deploy/install.sh" python redis kafka kcat
+"$deploy/install.sh" python redis kafka kcat prometheus
 
 # A service that already answers belongs to someone else (or an earlier session): leave it be.
 needs_start() {
