@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from dmp.audience import Audience
 from dmp.config import Settings
+from dmp.rule_tests import load_cases, run_case
 from dmp.rule_versions import RuleVersions, describe_ruleset, diff_rules
 from segment_rules import CompiledRules, RuleFileError, explain, load_rules_file, parse_rules
 
@@ -31,6 +32,9 @@ def add_rules_commands(rules_sub: argparse._SubParsersAction[argparse.ArgumentPa
     p = rules_sub.add_parser("rollback", help="make an earlier version live again")
     p.add_argument("--to", type=int, help="version number (default: the one before the live one)")
     p.set_defaults(func=_sync(_rollback))
+    p = rules_sub.add_parser("test", help="run ad-ops rule test cases (YAML); exit 1 on a failure")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=_test)
     p = rules_sub.add_parser("explain", help="a rule in plain English")
     p.add_argument("segment")
     p.set_defaults(func=_explain)
@@ -156,3 +160,22 @@ async def _sample(args: argparse.Namespace, settings: Settings, client: aioredis
     for uid in await audience.sample(args.segment, args.count):
         print(uid)
     return 0
+
+
+def _test(args: argparse.Namespace, settings: Settings) -> int:
+    failed = 0
+    for file in args.files:
+        try:
+            rules, cases = load_cases(Path(file))
+        except RuleFileError as exc:
+            for error in exc.errors:
+                print(error, file=sys.stderr)
+            failed += 1
+            continue
+        for case in cases:
+            outcome = run_case(rules, case, file)
+            print(f"{'PASS' if outcome.passed else 'FAIL'}  {case.name}")
+            for failure in outcome.failures:
+                print(f"      {failure}")
+            failed += not outcome.passed
+    return 1 if failed else 0
