@@ -13,6 +13,7 @@ class PartnerMetrics:
     answers: Counter
     config_reloads: Counter
     config_partners: Gauge
+    config_info: Gauge
     syncs: Counter
 
     @classmethod
@@ -30,6 +31,12 @@ class PartnerMetrics:
                 "dmp_partner_config_reloads_total",
                 "Partner file reloads by result (ok, unchanged, error).",
                 ["result"],
+                registry=r,
+            ),
+            config_info=Gauge(
+                "dmp_partner_config_info",
+                "1 for the partner-profile version in force (label: its hash prefix).",
+                ["version"],
                 registry=r,
             ),
             config_partners=Gauge(

@@ -93,6 +93,8 @@ class PartnerRegistry:
                     )
         self.current = config  # the one assignment readers can observe
         self.metrics.config_partners.set(len(config.profiles))
+        self.metrics.config_info.clear()  # only the version in force is reported
+        self.metrics.config_info.labels(config.short_version).set(1)
         log.info(
             "partner config %s in force: %d partners", config.short_version, len(config.profiles)
         )

@@ -250,6 +250,9 @@ class IngestMetrics:
         return _render(self.registry, self.multiproc_dir)
 
     def set_rule_set(self, version: str) -> None:
+        # After a hot reload only the version in force is reported: two would read as a
+        # half-rolled fleet (DMPRuleSetVersionMismatch).
+        self.rule_set.clear()
         self.rule_set.labels(short_version(version)).set(1)
 
     def forget_partition(self, partition: int) -> None:
@@ -376,4 +379,7 @@ class LookupMetrics:
         return _render(self.registry, self.multiproc_dir) + self.segment_members.render()
 
     def set_rule_set(self, version: str) -> None:
+        # After a hot reload only the version in force is reported: two would read as a
+        # half-rolled fleet (DMPRuleSetVersionMismatch).
+        self.rule_set.clear()
         self.rule_set.labels(short_version(version)).set(1)

@@ -87,6 +87,10 @@ async def test_hot_reload_rollback_and_audience(
         task.cancel()
     assert seen <= {tuple(v1_answer), tuple(v2_answer)}
     assert tuple(v2_answer) in seen
+    # Only the version in force is reported, or one replica would look like a split fleet.
+    text = await (await client.get("/metrics")).text()
+    versions_reported = [ln for ln in text.splitlines() if ln.startswith("dmp_rule_set_info{")]
+    assert len(versions_reported) == 1, versions_reported
 
     # Ingest picked up the new base segment without a restart.
     click = {"uid": "clicky", "ts": new_car_view("x", 0)["ts"], "type": "click"}
