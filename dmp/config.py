@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "DMP_"
+SECTIONS = ("kafka", "redis", "ingest", "lookup", "partner", "privacy", "security")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,17 @@ class KafkaSettings:
     poll_timeout_ms: int = 100
     # Larger than the broker's default so an oversized event reaches us and is dead-lettered.
     fetch_max_bytes: int = 8 * 1024 * 1024
+    # A consumer silent this long is out of the group and its partitions move (tests lower it).
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    # PLAINTEXT, SASL_PLAINTEXT, SSL or SASL_SSL (dmp/auth_transport.py; docs/security.md).
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,32 @@ class PartnerSettings:
 
 
 @dataclass(frozen=True)
+class PrivacySettings:
+    """Consent checks in ingest and the opt-out / erasure suppression list (dmp/privacy.py)."""
+
+    # off | when_gdpr_applies | always: which events need a TCF v2 consent (docs/security.md).
+    consent_policy: str = "when_gdpr_applies"
+    # TCF purposes that must all be consented: store on device, build and use ad profiles.
+    consent_purposes: str = "1,3,4"
+    # Our IAB vendor id; when set, the TC string must also consent to this vendor.
+    vendor_id: int = 0
+    stream_maxlen: int = 100_000
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """Limits and authentication on the lookup app (dmp/auth.py, dmp/limits.py)."""
+
+    # open: GET /v1/users/{uid}/segments needs no key; key: it needs a partner or admin key.
+    lookup_auth: str = "open"
+    max_body_bytes: int = 1024 * 1024
+    max_header_bytes: int = 8 * 1024
+    # Requests per second per API key (0: no limit), and the burst allowed above it.
+    rate_per_second: float = 0.0
+    rate_burst: float = 0.0
+
+
+@dataclass(frozen=True)
 class Settings:
     rules_path: Path = Path("segment_rules/examples/segments.yaml")
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
@@ -82,6 +120,8 @@ class Settings:
     prometheus_multiproc_dir: Path | None = None
     partners_path: Path | None = None
     partner: PartnerSettings = field(default_factory=PartnerSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -102,7 +142,7 @@ class Settings:
             top["prometheus_multiproc_dir"] = Path(environ["PROMETHEUS_MULTIPROC_DIR"])
         if environ.get("DMP_PARTNERS_PATH"):
             top["partners_path"] = Path(environ["DMP_PARTNERS_PATH"])
-        for section in ("kafka", "redis", "ingest", "lookup", "partner"):
+        for section in SECTIONS:
             current = getattr(base, section)
             top[section] = _override(current, environ, f"{ENV_PREFIX}{section.upper()}_")
         return replace(base, **top)
@@ -139,8 +179,21 @@ def describe(settings: Settings) -> dict[str, Any]:
         "PROMETHEUS_MULTIPROC_DIR": str(settings.prometheus_multiproc_dir or ""),
         "DMP_PARTNERS_PATH": str(settings.partners_path or ""),
     }
-    for section in ("kafka", "redis", "ingest", "lookup", "partner"):
+    for section in SECTIONS:
         obj = getattr(settings, section)
         for f in fields(obj):
-            out[f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}"] = getattr(obj, f.name)
+            value = getattr(obj, f.name)
+            if f.name.endswith("password") and value:
+                value = "********"  # `dmp config` output lands in terminals and tickets
+            elif f.name == "url" and isinstance(value, str):
+                value = _hide_url_password(value)
+            out[f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}"] = value
     return out
+
+
+def _hide_url_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:********@{host}"

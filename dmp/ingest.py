@@ -7,16 +7,18 @@ last committed transaction ended; Kafka's own committed offsets are informationa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import IllegalStateError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from redis.exceptions import RedisError
 
+from dmp.auth_transport import kafka_security_options
 from dmp.config import Settings
 from dmp.dead_letter import DeadLetters, Rejected, reason_class
 from dmp.events import BadEvent, decode_event
@@ -35,6 +37,10 @@ RULES_POLL_INTERVAL = 1.0
 OBSERVE_INTERVAL = 1.0  # seconds between consumer lag / connection readings
 # No fetch response for this long on an owned partition: the broker is out of reach.
 KAFKA_STALE_MS = 15_000
+# A batch that Redis (or the dead-letter producer) could not take is retried, the same
+# records, after this pause, doubling up to the maximum; Kafka offsets stay where they were.
+RETRY_BACKOFF_START = 0.1
+RETRY_BACKOFF_MAX = 5.0
 
 
 class IngestService:
@@ -54,6 +60,10 @@ class IngestService:
         self.partitions: dict[TopicPartition, PartitionStore] = {}
         self._last_sweep: dict[TopicPartition, float] = {}
         self._consumer: AIOKafkaConsumer | None = None
+        self._stop = asyncio.Event()
+        # Partitions whose store must be re-read from Redis before the next write: a Redis
+        # error hid whether the last transaction landed, or the assignment could not load.
+        self._reload: set[TopicPartition] = set()
         self.state_ttl = int(self._retention_seconds())
         self._observed_at = 0.0
         self.rule_watcher = RuleWatcher(
@@ -87,7 +97,8 @@ class IngestService:
     async def run(self, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
         """Consume until ``stop`` is set; the batch in hand is finished first."""
         k = self.settings.kafka
-        producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap, acks="all")
+        security = kafka_security_options(k)
+        producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap, acks="all", **security)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=k.bootstrap,
             group_id=k.group_id,
@@ -95,7 +106,11 @@ class IngestService:
             auto_offset_reset="earliest",
             fetch_max_bytes=k.fetch_max_bytes,
             max_partition_fetch_bytes=k.fetch_max_bytes,
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+            **security,
         )
+        self._stop = stop
         await producer.start()
         try:
             consumer.subscribe([k.topic], listener=_Rebalance(self, consumer))
@@ -127,9 +142,59 @@ class IngestService:
         tp: TopicPartition,
         records: Sequence[ConsumerRecord[bytes, bytes]],
     ) -> None:
-        store = self.partitions.get(tp)
-        if store is None:
-            return  # revoked while fetched
+        """Apply one partition's batch; while Redis or Kafka fail, retry it with backoff.
+
+        Nothing is committed anywhere until the Redis transaction lands, so a retry (or a stop
+        while waiting) leaves the partition exactly where Redis says it is.
+        """
+        backoff = RETRY_BACKOFF_START
+        while True:
+            store = self.partitions.get(tp)
+            if store is None:
+                return  # revoked while fetched
+            try:
+                if tp in self._reload:
+                    target = await self._reload_store(consumer, tp, store)
+                    if target < records[0].offset or target > records[-1].offset + 1:
+                        consumer.seek(tp, target)
+                    if target < records[0].offset:
+                        return  # Redis is behind these records: they come again from target
+                await self._process_once(consumer, dead_letters, tp, store, records)
+                return
+            except RedisError as exc:
+                self._reload.add(tp)
+                self.metrics.redis_connected.set(0)
+                log.warning("%s: Redis failed (%s); batch retried in %.1fs", tp, exc, backoff)
+            except KafkaError as exc:
+                log.warning("%s: Kafka failed (%s); batch retried in %.1fs", tp, exc, backoff)
+            if await self._stopped_within(backoff):
+                log.info("%s: stopping; the batch in hand was not applied", tp)
+                return
+            backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        return self._stop.is_set()
+
+    async def _reload_store(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, store: PartitionStore
+    ) -> int:
+        """Re-read the partition's position from Redis; the offset to consume next."""
+        await store.load()
+        self._reload.discard(tp)
+        if store.next_offset is not None:
+            return store.next_offset
+        return int((await consumer.beginning_offsets([tp]))[tp])
+
+    async def _process_once(
+        self,
+        consumer: AIOKafkaConsumer,
+        dead_letters: DeadLetters,
+        tp: TopicPartition,
+        store: PartitionStore,
+        records: Sequence[ConsumerRecord[bytes, bytes]],
+    ) -> None:
         started = time.perf_counter()
         now = self.clock()
         if store.next_offset is not None:
@@ -190,7 +255,10 @@ class IngestService:
         produced_at = max(r.timestamp for r in records) / 1000.0
         if not await self._commit(tp, store, plan, next_offset, produced_at):
             return
-        await consumer.commit({tp: next_offset})
+        try:
+            await consumer.commit({tp: next_offset})
+        except KafkaError as exc:  # informational (lag): Redis already holds the offset
+            log.warning("%s: Kafka offset commit failed (%s); Redis has it", tp, exc)
         self.metrics.events_applied.inc(plan.applied_events)
         self.metrics.batch_size.observe(len(records))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -236,12 +304,21 @@ class IngestService:
             if tp in busy or now - self._last_sweep.get(tp, 0.0) < DUE_SWEEP_INTERVAL:
                 continue
             self._last_sweep[tp] = now
-            due = await store.due_uids(now, self.settings.ingest.due_sweep_limit)
-            if not due:
-                continue
-            states = await store.fetch_states(due)
-            plan = plan_batch(self.rules, [], due, states, store.next_local, now)
-            await self._commit(tp, store, plan, None, now)
+            try:
+                if tp in self._reload and self._consumer is not None:
+                    self._consumer.seek(tp, await self._reload_store(self._consumer, tp, store))
+                due = await store.due_uids(now, self.settings.ingest.due_sweep_limit)
+                if not due:
+                    continue
+                states = await store.fetch_states(due)
+                plan = plan_batch(self.rules, [], due, states, store.next_local, now)
+                await self._commit(tp, store, plan, None, now)
+            except (RedisError, KafkaError) as exc:  # swept again next interval
+                if isinstance(exc, RedisError):
+                    self._reload.add(tp)
+                    self.metrics.redis_connected.set(0)
+                log.warning("%s: due sweep failed (%s)", tp, exc)
+                return
 
     async def _observe(self, consumer: AIOKafkaConsumer) -> None:
         """Lag per owned partition, whether fetches still reach the broker, Redis reachable."""
@@ -278,8 +355,14 @@ class IngestService:
             store = PartitionStore(
                 self.redis, keys, state_ttl=self.state_ttl, stream_maxlen=r.change_stream_maxlen
             )
-            await store.load()
             self.partitions[tp] = store
+            try:
+                await store.load()
+            except RedisError as exc:
+                # Where to start is known once Redis answers: _process reloads and seeks.
+                log.warning("assigned %s while Redis is unreachable (%s)", tp, exc)
+                self._reload.add(tp)
+                continue
             if store.next_offset is not None:
                 consumer.seek(tp, store.next_offset)
             else:
@@ -294,6 +377,7 @@ class IngestService:
     def _revoke(self, revoked: Sequence[TopicPartition]) -> None:
         for tp in revoked:
             self.partitions.pop(tp, None)
+            self._reload.discard(tp)
             self._last_sweep.pop(tp, None)
             self.metrics.forget_partition(tp.partition)
         self.metrics.assigned_partitions.set(len(self.partitions))

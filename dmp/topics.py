@@ -8,6 +8,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from dmp.auth_transport import kafka_security_options
 from dmp.config import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -15,7 +16,7 @@ log = logging.getLogger(__name__)
 
 async def create_topics(kafka: KafkaSettings) -> list[str]:
     """Create the events and dead-letter topics if missing; returns the names created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, **kafka_security_options(kafka))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
