@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="consume events from Kafka into Redis")
     p.set_defaults(func=_ingest)
     p = sub.add_parser("lookup", help="serve segment lookups over HTTP")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port (SO_REUSEPORT); >1 needs PROMETHEUS_MULTIPROC_DIR",
+    )
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by --workers
     p.set_defaults(func=_lookup)
     p = sub.add_parser("destinations", help="export partners' segment changes (partner file)")
     p.set_defaults(func=_destinations)
@@ -76,12 +83,14 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _lookup(args: argparse.Namespace, settings: Settings) -> int:
-    from dmp.services import serve_lookup
+    from dmp.services import run_lookup_workers, serve_lookup
 
     rules = _load_rules(settings)
     if rules is None:
         return 2
-    asyncio.run(serve_lookup(settings, rules))
+    if args.workers > 1:
+        return run_lookup_workers(settings, args.workers)
+    asyncio.run(serve_lookup(settings, rules, worker=args.worker))
     return 0
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import subprocess
+import sys
+import time
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -12,7 +15,7 @@ from aiohttp import web
 from dmp.config import Settings
 from dmp.ingest import IngestService
 from dmp.lookup import create_lookup_app
-from dmp.metrics import CONTENT_TYPE, IngestMetrics, prepare_multiproc_dir
+from dmp.metrics import CONTENT_TYPE, IngestMetrics, mark_worker_dead, prepare_multiproc_dir
 from segment_rules import CompiledRules
 
 log = logging.getLogger(__name__)
@@ -68,16 +71,19 @@ async def _serve_metrics(metrics: IngestMetrics, host: str, port: int) -> web.Ap
     return runner
 
 
-async def serve_lookup(settings: Settings, rules: CompiledRules) -> None:
+async def serve_lookup(settings: Settings, rules: CompiledRules, *, worker: bool = False) -> None:
+    """Serve until a signal; ``worker``: one of ``run_lookup_workers``' processes."""
     stop = asyncio.Event()
     installed = _install_signals(stop)
-    if settings.prometheus_multiproc_dir is not None:
-        # A pre-fork supervisor must do this once, before forking, instead.
+    if settings.prometheus_multiproc_dir is not None and not worker:
+        # With workers the supervisor does this once, before they start.
         prepare_multiproc_dir(settings.prometheus_multiproc_dir)
     runner = web.AppRunner(create_lookup_app(settings, rules), access_log=None)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.lookup.host, settings.lookup.port)
+        site = web.TCPSite(
+            runner, settings.lookup.host, settings.lookup.port, reuse_port=worker or None
+        )
         await site.start()
         log.info("lookup listening on http://%s:%d", settings.lookup.host, settings.lookup.port)
         await stop.wait()
@@ -85,3 +91,48 @@ async def serve_lookup(settings: Settings, rules: CompiledRules) -> None:
     finally:
         await runner.cleanup()
         _remove_signals(installed)
+
+
+def run_lookup_workers(settings: Settings, workers: int) -> int:
+    """``workers`` lookup processes on one port (SO_REUSEPORT: the kernel spreads connections).
+
+    Each is a whole replica (stateless, loaded from Redis). Metrics stay whole through
+    PROMETHEUS_MULTIPROC_DIR, required here. SIGTERM/SIGINT are passed on; when one worker
+    exits, the others are stopped too and the exit status says so.
+    """
+    folder = settings.prometheus_multiproc_dir
+    if folder is None:
+        log.error("--workers needs PROMETHEUS_MULTIPROC_DIR, or each scrape sees one worker")
+        return 2
+    prepare_multiproc_dir(folder)
+    argv = [sys.executable, "-m", "dmp.cli", "--rules", str(settings.rules_path)]
+    procs = [subprocess.Popen([*argv, "lookup", "--worker"]) for _ in range(workers)]
+    log.info("lookup: %d workers (pids %s)", workers, ", ".join(str(p.pid) for p in procs))
+    stopping = False
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failed = False
+    try:
+        running = list(procs)
+        while running:
+            for proc in list(running):
+                if proc.poll() is None:
+                    continue
+                running.remove(proc)
+                mark_worker_dead(folder, proc.pid)
+                if not stopping:
+                    log.error("lookup worker %d exited (%s); stopping", proc.pid, proc.returncode)
+                    failed = True
+                    forward(signal.SIGTERM, None)
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 1 if failed else 0
