@@ -325,7 +325,7 @@ def run_freshness(
             running("fresh-lookup", dmp_argv("lookup"), env, work) as lookup,
         ):
             wait_http(f"http://127.0.0.1:{port}/readyz", lookup, 120)
-            time.sleep(3.0)  # the consumer group settles (join + assignment)
+            time.sleep(min(3.0, duration))  # the consumer group settles (join + assignment)
             return asyncio.run(
                 freshness(kafka, f"http://127.0.0.1:{port}", background, rate, duration)
             )

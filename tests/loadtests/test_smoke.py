@@ -1,0 +1,96 @@
+"""Each load test at a tiny size, so none of them can rot. Nothing here judges performance:
+only that each runs against the real stack and writes a well-formed result and chart."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from dmp.config import Settings
+from loadtests import ingest, lookup, memory
+from loadtests.datagen import delete_prefix
+
+pytestmark = pytest.mark.integration
+
+
+def _result(folder: Path, name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = orjson.loads((folder / f"{name}.json").read_bytes())
+    assert (folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert doc["test"] == name
+    assert doc["budgets"]
+    assert all(isinstance(v, bool) for v in doc["budgets"].values())
+    return doc
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture
+def prefix(stack: Settings) -> Any:
+    name = f"lt-smoke-{uuid.uuid4().hex[:8]}"
+    yield name
+    client = redis.Redis.from_url(stack.redis.url)
+    try:
+        delete_prefix(client, name)
+    finally:
+        client.close()
+
+
+def test_lookup_smoke(prefix: str, tmp_path: Path) -> None:
+    lookup.main(
+        [
+            *("--cookies", "5000", "--segments", "20", "--runs", "1", "--duration", "1"),
+            *("--rates", "0.2", "--batch-users", "10", "--connections", "8"),
+            *("--prefix", prefix, "--results", str(tmp_path)),
+        ]
+    )
+    doc = _result(tmp_path, "lookup")
+    closed = doc["closed_loop"]
+    assert _positive(closed["bare_rps"])
+    assert _positive(closed["ours_rps"])
+    level = doc["open_loop"][0]
+    for server in ("bare", "ours"):
+        assert _positive(level[server]["p99_ms"])
+        assert level[server]["p50_ms"] <= level[server]["max_ms"]
+    assert _positive(doc["batch"]["user_lookups_per_s"])
+
+
+def test_ingest_smoke(stack: Settings, tmp_path: Path) -> None:
+    ingest.main(
+        [
+            *("--events", "2000", "--cookies", "10000", "--segments", "10", "--runs", "1"),
+            *("--freshness-segments", "10", "--freshness-seconds", "2"),
+            *("--results", str(tmp_path)),
+        ]
+    )
+    doc = _result(tmp_path, "ingest")
+    assert _positive(doc["decode_only"]["events_per_s"])
+    assert [r["segments"] for r in doc["ingest"]] == [10]
+    assert _positive(doc["ingest"][0]["events_per_s"])
+    fresh = doc["freshness"]
+    assert fresh["probes"] > 0
+    assert fresh["lost_probes"] == 0
+    assert _positive(fresh["p99_s"])
+
+
+def test_memory_smoke(prefix: str, tmp_path: Path) -> None:
+    memory.main(
+        [
+            *("--cookies", "20000", "--populations", "1000", "--segments", "20"),
+            *("--runs", "1", "--prefix", prefix, "--results", str(tmp_path)),
+        ]
+    )
+    doc = _result(tmp_path, "memory")
+    assert [r["population"] > 0 for r in doc["redis"]] == [True]
+    assert all(_positive(r["memory_usage_bytes_per_member"]) for r in doc["redis"])
+    assert len(doc["replica"]) == 1
+    full = doc["full_dataset"]
+    assert _positive(full["ready_from_bitmaps_s"])
+    assert _positive(full["ready_from_snapshots_s"])
