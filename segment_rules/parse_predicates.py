@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import get_args
 
 from segment_rules.fields import field_kind, known_field_names
 from segment_rules.model import FieldOp, FieldTest, FieldValue, Predicate, Scalar
@@ -10,28 +11,8 @@ from segment_rules.parse_base import ParseBase
 from segment_rules.patterns import check_pattern
 from segment_rules.yaml_source import YNode
 
-FIELD_OPS: tuple[FieldOp, ...] = (
-    "equals",
-    "not_equals",
-    "in",
-    "not_in",
-    "prefix",
-    "suffix",
-    "contains",
-    "regex",
-    "gt",
-    "gte",
-    "lt",
-    "lte",
-    "between",
-    "exists",
-    "missing",
-    "under",
-    "under_iab",
-    "host",
-    "host_suffix",
-    "path_prefix",
-)
+# Derived from the type, so the parser and the model cannot disagree.
+FIELD_OPS: tuple[FieldOp, ...] = get_args(FieldOp)
 TEXT_OPS = ("prefix", "suffix", "contains", "under")
 NUMBER_OPS = ("gt", "gte", "lt", "lte")
 HOST = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
