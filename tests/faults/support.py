@@ -354,3 +354,27 @@ def count_kinds(snapshot: Mapping[str, object]) -> dict[str, int]:
 
 def kill_signal_name(sig: int) -> str:
     return signal.Signals(sig).name
+
+
+async def started(proc: Process, timeout: float = 60) -> None:
+    """Until the process owns partitions (before that a SIGTERM finds no handler yet)."""
+    deadline = time.monotonic() + timeout
+    while "assigned" not in proc.output():
+        assert proc.alive, proc.output()[-3000:]
+        assert time.monotonic() < deadline, proc.output()[-3000:]
+        await asyncio.sleep(0.05)
+
+
+async def ingest_until(
+    settings: Settings, client: aioredis.Redis, log: Path, total: int, timeout: float = 300
+) -> None:
+    """Run `dmp ingest` until `total` events are applied, then stop it with SIGTERM."""
+    proc = Process("ingest", service_env(settings), log)
+    try:
+        await started(proc)
+        await wait_applied(client, settings, total, timeout=timeout)
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait(30) == 0, proc.output()[-3000:]
+    finally:
+        if proc.alive:
+            await proc.kill()

@@ -22,6 +22,7 @@ from tests.faults.conftest import run_as_other, scaled
 from tests.faults.support import (
     Process,
     count_kinds,
+    ingest_until,
     produce,
     service_env,
     state_snapshot,
@@ -36,27 +37,6 @@ EVENTS = scaled("DMP_FAULTS_EVENTS", 40_000)
 KILLS = scaled("DMP_FAULTS_KILLS", 4)
 COOKIES = max(1000, EVENTS // 10)
 CYCLE_SECONDS = 4.5  # start, join the group (the killed member's session lapses), work
-
-
-async def started(proc: Process, timeout: float = 60) -> None:
-    """Until the process owns partitions (before that a SIGTERM finds no handler yet)."""
-    deadline = time.monotonic() + timeout
-    while "assigned" not in proc.output():
-        assert proc.alive, proc.output()[-3000:]
-        assert time.monotonic() < deadline, proc.output()[-3000:]
-        await asyncio.sleep(0.05)
-
-
-async def clean_run(settings: Settings, client: aioredis.Redis, tmp: Path, total: int) -> None:
-    proc = Process("ingest", service_env(settings), tmp / "clean.log")
-    try:
-        await started(proc)
-        await wait_applied(client, settings, total, timeout=300)
-        proc.signal(signal.SIGTERM)
-        assert await proc.wait(30) == 0, proc.output()[-3000:]
-    finally:
-        if proc.alive:
-            await proc.kill()
 
 
 async def test_sigkill_at_random_instants_equals_a_clean_run(
@@ -106,7 +86,7 @@ async def test_sigkill_at_random_instants_equals_a_clean_run(
             producing.cancel()
 
     clean = run_as_other(settings, "clean")
-    await clean_run(clean, redis_client, tmp_path, len(events))
+    await ingest_until(clean, redis_client, tmp_path / "clean.log", len(events))
 
     killed_state = await state_snapshot(redis_client, settings.redis.key_prefix)
     clean_state = await state_snapshot(redis_client, clean.redis.key_prefix)
