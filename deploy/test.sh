@@ -49,6 +49,12 @@ if needs_start redis; then
     started+=(redis)
     "$deploy/redis.sh" start
 fi
+# A 3-master Redis Cluster for tests/integration/test_redis_cluster.py.
+if needs_start redis_cluster; then
+    started+=(redis_cluster)
+    "$deploy/redis_cluster.sh" start
+fi
+export DMP_TEST_REDIS_CLUSTER_URL="redis://$DMP_HOST:${DMP_REDIS_CLUSTER_PORT:-17000}/0"
 # Kafka takes a few seconds to come up: start it while the linters run.
 kafka_log="$DMP_STATE_DIR/test-kafka-start.log"
 if needs_start kafka; then

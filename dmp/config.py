@@ -40,6 +40,8 @@ class RedisSettings:
     url: str = "redis://127.0.0.1:16379/0"
     key_prefix: str = "dmp"
     change_stream_maxlen: int = 1_000_000
+    # Redis Cluster (deploy/redis_cluster.sh): the URL names any one node.
+    cluster: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,10 +166,20 @@ def _override(obj: Any, environ: Mapping[str, str], prefix: str) -> Any:
         raw = environ[name]
         default = getattr(obj, f.name)
         try:
-            changes[f.name] = type(default)(raw)
+            changes[f.name] = _bool(raw) if isinstance(default, bool) else type(default)(raw)
         except ValueError:
             raise ValueError(f"{name}={raw!r}: expected {type(default).__name__}") from None
     return replace(obj, **changes)
+
+
+def _bool(raw: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off`` (``bool("0")`` would be true)."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
 
 
 def describe(settings: Settings) -> dict[str, Any]:

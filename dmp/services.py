@@ -9,13 +9,13 @@ import subprocess
 import sys
 import time
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from dmp.config import Settings
 from dmp.ingest import IngestService
 from dmp.lookup import create_lookup_app
 from dmp.metrics import CONTENT_TYPE, IngestMetrics, mark_worker_dead, prepare_multiproc_dir
+from dmp.redis_client import connect
 from segment_rules import CompiledRules
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ async def serve_ingest(settings: Settings, rules: CompiledRules) -> None:
     if settings.prometheus_multiproc_dir is not None:
         prepare_multiproc_dir(settings.prometheus_multiproc_dir)
     metrics = IngestMetrics.create(multiproc_dir=settings.prometheus_multiproc_dir)
-    client = aioredis.Redis.from_url(settings.redis.url)
+    client = connect(settings.redis)
     runner: web.AppRunner | None = None
     try:
         if settings.ingest.metrics_port:

@@ -51,6 +51,7 @@ from loadtests.common import (
     TAXONOMY,
     dmp_argv,
     env_with,
+    exit_on_sigterm,
     median,
     pinned,
     pyplot,
@@ -510,4 +511,5 @@ def chart(doc: dict[str, Any], path: Path) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

@@ -42,6 +42,7 @@ from loadtests.common import (
     CpuWatch,
     dmp_argv,
     env_with,
+    exit_on_sigterm,
     median,
     pinned,
     pyplot,
@@ -431,4 +432,5 @@ def chart(doc: dict[str, Any], path: Path) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

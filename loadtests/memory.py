@@ -38,6 +38,7 @@ from loadtests.common import (
     TAXONOMY,
     dmp_argv,
     env_with,
+    exit_on_sigterm,
     median,
     pyplot,
     running,
@@ -363,4 +364,5 @@ def chart(doc: dict[str, Any], path: Path) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()
