@@ -84,12 +84,17 @@ def ensure_wrk() -> str:
 
 
 def wrk(
-    url: str, script: Path, duration: float, connections: int, script_args: list[str]
+    url: str,
+    script: Path,
+    duration: float,
+    connections: int,
+    script_args: list[str],
+    core: int | None = CLIENT_CORE,
 ) -> dict[str, float]:
     argv = [ensure_wrk(), "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s"]
     argv += ["-s", str(script), url, "--", *script_args]
     out = subprocess.run(
-        pinned(CLIENT_CORE, argv), check=True, capture_output=True, text=True, timeout=600
+        pinned(core, argv), check=True, capture_output=True, text=True, timeout=600
     ).stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if rps is None:
