@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--lookup-cookies", type=int, default=1_000_000)
     parser.add_argument("--lookup-segments", type=int, default=1000)
+    parser.add_argument("--lookup-prefix", default="lt-so-lookup")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--taxonomy", type=Path, default=TAXONOMY)
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lookup_rules_path = work / "lookup-rules.yaml"
     lookup_rules_path.write_text(lookup_rules.text)
     spec = StoreSpec(
-        "lt-so-lookup", "lt.events", 4, args.lookup_cookies, args.lookup_segments, args.seed
+        args.lookup_prefix, "lt.events", 4, args.lookup_cookies, args.lookup_segments, args.seed
     )
     write_store(client, spec, lookup_rules)
     lookup_rps: dict[int, list[float]] = {1: [], 2: []}

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from dmp.config import Settings
-from loadtests import ingest, lookup, memory
+from loadtests import ingest, lookup, memory, scaleout
 from loadtests.datagen import delete_prefix
 
 pytestmark = pytest.mark.integration
@@ -94,3 +94,18 @@ def test_memory_smoke(prefix: str, tmp_path: Path) -> None:
     full = doc["full_dataset"]
     assert _positive(full["ready_from_bitmaps_s"])
     assert _positive(full["ready_from_snapshots_s"])
+
+
+def test_scaleout_smoke(prefix: str, tmp_path: Path) -> None:
+    scaleout.main(
+        [
+            *("--lookup-prefix", prefix),
+            *("--events", "2000", "--cookies", "10000", "--segments", "10", "--runs", "1"),
+            *("--lookup-cookies", "5000", "--lookup-segments", "20", "--duration", "1"),
+            *("--results", str(tmp_path)),
+        ]
+    )
+    doc = _result(tmp_path, "scaleout")
+    assert doc["ingest"]["final_state_equal"] == [True]
+    assert _positive(doc["ingest"]["ratio"])
+    assert _positive(doc["lookup"]["ratio"])
