@@ -105,11 +105,7 @@ class PartitionStore:
             raise
         if len(self._states) + len(plan.states) > MAX_CACHED_STATES:
             self._states.clear()
-        for uid, state in plan.states.items():
-            if state.history or state.members:
-                self._states[uid] = state
-            else:
-                self._states.pop(uid, None)
+        self._states.update(plan.states)
 
     async def _commit(self, plan: BatchPlan, next_offset: int | None, produced_at: float) -> None:
         dirty = await self._dirty_chunks(plan)
@@ -120,21 +116,16 @@ class PartitionStore:
                 self._chunks.clear()  # our cached copies may be stale
                 raise Fenced(f"{self.keys.tag}: offset moved to {stored!r}")
             pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves multi() untyped
-            kept = [(u, s) for u, s in plan.states.items() if s.history or s.members]
-            if kept:
+            if plan.states:
+                # Every state is kept until its TTL, even an empty one: forgetting a cookie
+                # when its history empties would make numbering depend on when a batch ran.
                 pipe.eval(
                     SET_STATES,
-                    len(kept),
-                    *[self.keys.cookie(u) for u, _ in kept],
+                    len(plan.states),
+                    *[self.keys.cookie(u) for u in plan.states],
                     self.state_ttl,
-                    *[s.encode() for _, s in kept],
+                    *[s.encode() for s in plan.states.values()],
                 )
-            # A cookie with nothing left to remember is forgotten (it is numbered anew if seen).
-            emptied = [
-                self.keys.cookie(u) for u, s in plan.states.items() if not (s.history or s.members)
-            ]
-            if emptied:
-                pipe.delete(*emptied)
             for (segment_id, chunk), bitmap in dirty.items():
                 if bitmap:
                     pipe.set(self.keys.bitmap(segment_id, chunk), bitmap.serialize())
