@@ -29,6 +29,7 @@ from dmp.config import Settings
 from dmp.match_table import MatchTable
 from dmp.match_table_follower import MatchTableFollower, MatchTableMetrics
 from dmp.metrics import LookupMetrics
+from dmp.privacy_follow import SuppressedSegments, SuppressionFollower, SuppressionList
 from dmp.replica import Replica
 from segment_rules import CompiledRules
 
@@ -51,13 +52,16 @@ class EmbeddedDmp:
         registry = registry or CollectorRegistry()
         self.replica = Replica(rules)
         self.matches = MatchTable()
-        self.answerer = Answerer(self.replica, self.matches)
+        # Opted-out and erased cookies answer as in no segment here too (dmp/privacy_follow.py).
+        self.suppression = SuppressionList()
+        self.answerer = Answerer(SuppressedSegments(self.replica, self.suppression), self.matches)
         self._lookup_metrics = LookupMetrics.create(registry)
         self._match_metrics = MatchTableMetrics.create(registry)
         self._client: aioredis.Redis | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self.change_follower: ChangeFollower | None = None
         self.match_follower: MatchTableFollower | None = None
+        self.suppression_follower: SuppressionFollower | None = None
 
     async def __aenter__(self) -> EmbeddedDmp:
         s = self.settings
@@ -80,7 +84,15 @@ class EmbeddedDmp:
                 prefix=s.redis.key_prefix,
                 block_ms=s.lookup.follow_block_ms,
             )
-            await stack.enter_async_context(following(self.change_follower, self.match_follower))
+            self.suppression_follower = SuppressionFollower(
+                client,
+                self.suppression,
+                prefix=s.redis.key_prefix,
+                block_ms=s.lookup.follow_block_ms,
+            )
+            await stack.enter_async_context(
+                following(self.change_follower, self.match_follower, self.suppression_follower)
+            )
         except BaseException:
             await stack.aclose()
             raise
@@ -100,13 +112,14 @@ class EmbeddedDmp:
     @property
     def ready(self) -> bool:
         return all(
-            f is not None and f.ready.is_set() for f in (self.change_follower, self.match_follower)
+            f is not None and f.ready.is_set()
+            for f in (self.change_follower, self.match_follower, self.suppression_follower)
         )
 
     async def wait_ready(self) -> None:
         """Wait for both snapshots to load (answers before that are empty, not wrong);
         bound it with `asyncio.timeout`."""
-        for follower in (self.change_follower, self.match_follower):
+        for follower in (self.change_follower, self.match_follower, self.suppression_follower):
             if follower is None:
                 raise RuntimeError("use EmbeddedDmp as an async context manager first")
             await follower.ready.wait()

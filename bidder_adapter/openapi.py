@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dmp.privacy_routes import openapi_paths as privacy_paths
+
 JSON = "application/json"
 PARTNER_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
 
@@ -414,7 +416,12 @@ def openapi_document() -> dict[str, Any]:
             "version": "1",
             "description": "Segment answers at bid time, partner views, OpenRTB enrichment, ID sync.",
         },
-        "paths": {**_partner_paths(), **_sync_paths(), **_service_paths()},
+        "paths": {
+            **_partner_paths(),
+            **_sync_paths(),
+            **_service_paths(),
+            **privacy_paths(),
+        },
         "components": {
             "schemas": _schemas(),
             "securitySchemes": {

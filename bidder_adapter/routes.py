@@ -50,6 +50,7 @@ from dmp.config import Settings
 from dmp.match_table import MAX_PARTNER_UID_LENGTH, MatchTable, MatchTableStore, check_ttl_days
 from dmp.match_table_follower import MatchTableFollower, MatchTableMetrics
 from dmp.metrics import PARTNER_LABEL
+from dmp.privacy_follow import SUPPRESSION, SuppressedSegments
 from dmp.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ def setup_partner_routes(
     app[PARTNER_METRICS] = metrics
     app[MATCH_TABLE] = table
     app[MATCH_METRICS] = MatchTableMetrics.create(registry)
-    app[ANSWERER] = Answerer(replica, table)
+    # Opted-out and erased cookies are in no segment for any partner (dmp/privacy_follow.py).
+    source = SuppressedSegments(replica, app[SUPPRESSION]) if SUPPRESSION in app else replica
+    app[ANSWERER] = Answerer(source, table)
     app.cleanup_ctx.append(_partner_background)
     r = app.router
     r.add_get("/v1/partner/users/{user_id}/segments", partner_user_segments)
@@ -338,7 +341,10 @@ async def admin_reload(request: web.Request) -> web.Response:
         "partners": len(result.config.profiles),
     }
     if not result.ok:
-        doc["errors"] = list(result.errors)
+        # file:line:column stays, the server's folders do not (docs/security.md).
+        path = request.app[PARTNER_SETTINGS].partners_path
+        where = str(path) if path is not None else ""
+        doc["errors"] = [e.replace(where, path.name) if path else e for e in result.errors]
         return _json(doc, 422)
     return _json(doc)
 

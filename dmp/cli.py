@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dmp.config import Settings, describe
 from dmp.logs import configure_logging
+from dmp.privacy_cli import add_privacy_commands
 from dmp.rules_cli import add_rules_commands
 from segment_rules import CompiledRules, RuleFileError, load_rules_file
 
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.set_defaults(func=_rules_validate)
     add_rules_commands(rules_sub)
+    add_privacy_commands(sub)
     return parser
 
 

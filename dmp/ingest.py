@@ -27,6 +27,7 @@ from dmp.logs import log_context
 from dmp.metrics import IngestMetrics
 from dmp.partition_batch import BatchPlan, plan_batch
 from dmp.partition_store import Fenced, PartitionStore
+from dmp.privacy import ingest_privacy
 from dmp.rule_versions import RuleVersions, RuleWatcher
 from segment_rules import CompiledRules
 
@@ -70,6 +71,7 @@ class IngestService:
             RuleVersions(redis, settings.redis.key_prefix), rules, self._swap_rules
         )
         self._rules_polled_at = 0.0
+        self.privacy = ingest_privacy(redis, settings, metrics.registry)
         metrics.set_rule_set(rules.version)
         metrics.kafka_connected.set(0)
 
@@ -245,16 +247,20 @@ class IngestService:
                 rejected[0].offset,
                 rejected[0].reason,
             )
+        # Consent, opt-outs and erasures (dmp/privacy.py): what may be used, what to remove.
+        screened = await self.privacy.screen(store.keys, events)
+        events = screened.events
         due = await store.due_uids(now, ing.due_sweep_limit)
         self._last_sweep[tp] = now
-        states = await store.fetch_states({e["uid"] for e in events} | set(due))
+        states = await store.fetch_states({e["uid"] for e in events} | set(due) | screened.erase)
         t_eval = time.perf_counter()
-        plan = plan_batch(self.rules, events, due, states, store.next_local, now)
+        plan = plan_batch(self.rules, events, due, states, store.next_local, now, screened.erase)
         self.metrics.rule_evaluation_seconds.observe(time.perf_counter() - t_eval)
         next_offset = records[-1].offset + 1
         produced_at = max(r.timestamp for r in records) / 1000.0
         if not await self._commit(tp, store, plan, next_offset, produced_at):
             return
+        self.privacy.count_erased(len(plan.forgotten))
         try:
             await consumer.commit({tp: next_offset})
         except KafkaError as exc:  # informational (lag): Redis already holds the offset
@@ -308,11 +314,13 @@ class IngestService:
                 if tp in self._reload and self._consumer is not None:
                     self._consumer.seek(tp, await self._reload_store(self._consumer, tp, store))
                 due = await store.due_uids(now, self.settings.ingest.due_sweep_limit)
-                if not due:
+                erase = await self.privacy.store.pending(store.keys)
+                if not due and not erase:
                     continue
-                states = await store.fetch_states(due)
-                plan = plan_batch(self.rules, [], due, states, store.next_local, now)
-                await self._commit(tp, store, plan, None, now)
+                states = await store.fetch_states(set(due) | erase)
+                plan = plan_batch(self.rules, [], due, states, store.next_local, now, erase)
+                if await self._commit(tp, store, plan, None, now):
+                    self.privacy.count_erased(len(plan.forgotten))
             except (RedisError, KafkaError) as exc:  # swept again next interval
                 if isinstance(exc, RedisError):
                     self._reload.add(tp)

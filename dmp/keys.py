@@ -48,6 +48,11 @@ class PartitionKeys:
         """Sorted set: cookie id -> the time its memberships may next change by themselves."""
         return f"{self.tag}:due"
 
+    @property
+    def privacy_pending(self) -> str:
+        """Set: cookie ids opted out or erased whose stored data ingest must still remove."""
+        return f"{self.tag}:privacy-pending"
+
     def cookie(self, uid: str) -> str:
         return f"{self.tag}:c:{uid}"
 

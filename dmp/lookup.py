@@ -17,10 +17,14 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from bidder_adapter.routes import OUTCOME_HEADER, setup_partner_routes
+from dmp.auth import lookup_caller
 from dmp.change_follower import ChangeFollower
 from dmp.config import Settings
+from dmp.limits import limits_middleware
 from dmp.logs import REQUEST_ID_HEADER, bind, request_id, unbind
 from dmp.metrics import CONTENT_TYPE, DEADLINE_OUTCOME, NO_PARTNER, PARTNER_LABEL, LookupMetrics
+from dmp.privacy_follow import SUPPRESSION
+from dmp.privacy_routes import PRIVACY_FOLLOWER, setup_privacy
 from dmp.replica import Replica
 from dmp.rule_versions import RuleVersions, RuleWatcher
 from segment_rules import CompiledRules
@@ -49,7 +53,10 @@ def create_lookup_app(
     settings: Settings, rules: CompiledRules, metrics: LookupMetrics | None = None
 ) -> web.Application:
     metrics = metrics or LookupMetrics.create(multiproc_dir=settings.prometheus_multiproc_dir)
-    app = web.Application(middlewares=[_request_middleware(metrics)])
+    app = web.Application(
+        middlewares=[_request_middleware(metrics), limits_middleware(settings.security)],
+        client_max_size=settings.security.max_body_bytes,
+    )
     app[SETTINGS] = settings
     app[RULES] = rules
     app[METRICS] = metrics
@@ -60,6 +67,8 @@ def create_lookup_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
+    # Opt-outs and erasures (dmp/privacy_routes.py): before the partner routes, which filter too.
+    setup_privacy(app, settings, app[REPLICA])
     setup_partner_routes(app, settings, app[REPLICA], app[METRICS].registry)
     return app
 
@@ -177,7 +186,15 @@ async def user_segments(request: web.Request) -> web.Response:
     uid = request.match_info["uid"]
     if not uid or len(uid) > MAX_UID_LENGTH:
         return json_error(400, f"uid must be 1 to {MAX_UID_LENGTH} characters")
-    segments = request.app[REPLICA].segments(uid)
+    caller, profile = lookup_caller(request, request.app[SETTINGS])
+    if caller is None:
+        return json_error(401, "missing or unknown API key (Authorization: Bearer <key>)")
+    if request.app[SUPPRESSION].blocks(uid):
+        segments: list[str] = []  # opted out or erased (or the list is still loading)
+    else:
+        segments = request.app[REPLICA].segments(uid)
+    if profile is not None:
+        segments = [s for s in segments if s in profile.granted_segments]
     return json_response({"uid": uid, "segments": segments})
 
 
@@ -187,9 +204,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     follower = request.app[FOLLOWER]
-    if not follower.ready.is_set():
+    privacy = request.app[PRIVACY_FOLLOWER]
+    if not follower.ready.is_set() or not privacy.ready.is_set():
         return json_response({"status": "loading"}, 503)
-    if not follower.healthy:
+    if not follower.healthy or not privacy.healthy:
         # Still answering from memory, but no longer following Redis.
         return json_response({"status": "degraded"}, 503)
     return json_response({"status": "ready"})

@@ -5,7 +5,7 @@ No I/O here, so the exactly-once story reduces to "write this plan atomically wi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,10 @@ class BatchPlan:
     removed: dict[str, list[int]] = field(default_factory=dict)
     due: dict[str, float | None] = field(default_factory=dict)  # uid -> next change, None = none
     applied_events: int = 0
+    # Cookies whose stored data this batch removes (dmp/privacy.py), and of those the ones
+    # with nothing left, by position: their state key is deleted and their id hash blanked.
+    erased: list[str] = field(default_factory=list)
+    forgotten: dict[str, int] = field(default_factory=dict)
 
     @property
     def change_count(self) -> int:
@@ -36,8 +40,13 @@ def plan_batch(
     stored: Mapping[str, CookieState | None],
     next_local: int,
     now: float,
+    erase: Collection[str] = frozenset(),
 ) -> BatchPlan:
-    """Apply events (in offset order) and re-evaluate due cookies at ``now``."""
+    """Apply events (in offset order) and re-evaluate due cookies at ``now``.
+
+    Cookies in ``erase`` (opted out or erased) first lose their whole history, so they leave
+    every segment; events of theirs in the batch (only ever newer consent) apply afterwards.
+    """
     plan = BatchPlan(next_local=next_local)
     touched: dict[str, CookieState] = {}
     before: dict[str, frozenset[str]] = {}
@@ -50,6 +59,12 @@ def plan_batch(
             touched[uid] = state
             before[uid] = state.members
         return state
+
+    for uid in erase:
+        plan.erased.append(uid)
+        erased_state = state_for(uid)
+        if erased_state is not None:
+            erased_state.history.clear()
 
     for event in events:
         uid = event["uid"]
@@ -78,4 +93,10 @@ def plan_batch(
             plan.removed.setdefault(seg, []).append(state.local)
         plan.states[uid] = state
         plan.due[uid] = evaluation.next_change
+    for uid in erase:
+        gone = touched.get(uid)
+        if gone is not None and not (gone.history or gone.members):
+            plan.forgotten[uid] = gone.local
+        elif gone is None:
+            plan.due[uid] = None
     return plan

@@ -106,6 +106,8 @@ class PartitionStore:
         if len(self._states) + len(plan.states) > MAX_CACHED_STATES:
             self._states.clear()
         self._states.update(plan.states)
+        for uid in plan.forgotten:
+            self._states.pop(uid, None)
 
     async def _commit(self, plan: BatchPlan, next_offset: int | None, produced_at: float) -> None:
         dirty = await self._dirty_chunks(plan)
@@ -140,6 +142,12 @@ class PartitionStore:
                 pipe.zadd(self.keys.due, due_add)
             if due_remove:
                 pipe.zrem(self.keys.due, *due_remove)
+            if plan.erased:
+                pipe.srem(self.keys.privacy_pending, *plan.erased)
+            if plan.forgotten:
+                pipe.delete(*[self.keys.cookie(u) for u in plan.forgotten])
+            for local in plan.forgotten.values():
+                pipe.setrange(self.keys.ids, local * 8, bytes(8))  # the erased id's hash
             if next_offset is not None:
                 pipe.set(self.keys.offset, next_offset)
             if plan.change_count or plan.new_ids:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from dmp.config import Settings
 from dmp.ingest import IngestService
+from dmp.limits import PARSER_LIMITS
 from dmp.lookup import create_lookup_app
 from dmp.metrics import CONTENT_TYPE, IngestMetrics, mark_worker_dead, prepare_multiproc_dir
 from dmp.redis_client import connect
@@ -78,7 +79,13 @@ async def serve_lookup(settings: Settings, rules: CompiledRules, *, worker: bool
     if settings.prometheus_multiproc_dir is not None and not worker:
         # With workers the supervisor does this once, before they start.
         prepare_multiproc_dir(settings.prometheus_multiproc_dir)
-    runner = web.AppRunner(create_lookup_app(settings, rules), access_log=None)
+    # Header lines up to PARSER_LIMITS reach dmp.limits, whose refusal is a JSON 431.
+    runner = web.AppRunner(
+        create_lookup_app(settings, rules),
+        access_log=None,
+        max_line_size=PARSER_LIMITS["max_line_size"],
+        max_field_size=PARSER_LIMITS["max_field_size"],
+    )
     try:
         await runner.setup()
         site = web.TCPSite(
