@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from pyroaring import BitMap, BitMap64
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from dmp.ids import LOCAL_BITS
@@ -138,19 +139,25 @@ class ChangeFollower:
 
     async def _read_bitmaps(self, keys: PartitionKeys) -> PartitionIndex:
         view = PartitionIndex()
-        cursor = 0
-        while True:
-            cursor, batch = await self.client.scan(
-                cursor, match=keys.bitmap_pattern, count=SCAN_BATCH
-            )
-            if batch:
-                values = await self.client.mget(batch)
-                for key, raw in zip(batch, values, strict=True):
-                    if raw is not None:
-                        segment_id, _ = keys.parse_bitmap_key(as_str(key))
-                        view.add_bulk(segment_id, BitMap.deserialize(as_bytes(raw)).to_array())
-            if cursor == 0:
-                return view
+        # scan_iter walks every node of a cluster, and the one server otherwise.
+        batch: list[Any] = []
+        async for key in self.client.scan_iter(match=keys.bitmap_pattern, count=SCAN_BATCH):
+            batch.append(key)
+            if len(batch) >= SCAN_BATCH:
+                await self._add_bitmaps(keys, view, batch)
+                batch = []
+        if batch:
+            await self._add_bitmaps(keys, view, batch)
+        return view
+
+    async def _add_bitmaps(
+        self, keys: PartitionKeys, view: PartitionIndex, batch: list[Any]
+    ) -> None:
+        values = await self.client.mget(batch)  # one partition's keys: one hash tag, one slot
+        for key, raw in zip(batch, values, strict=True):
+            if raw is not None:
+                segment_id, _ = keys.parse_bitmap_key(as_str(key))
+                view.add_bulk(segment_id, BitMap.deserialize(as_bytes(raw)).to_array())
 
     async def _stream_position(self, keys: PartitionKeys) -> tuple[bytes, int, int]:
         """(last entry id, entries ever added, entries removed from the head), read atomically."""
@@ -206,8 +213,18 @@ class ChangeFollower:
                 backoff = min(backoff * 2, 5.0)
 
     async def _read_once(self) -> None:
-        streams: dict[Any, Any] = dict(self.cursors)
-        reply: Any = await self.client.xread(streams, count=READ_COUNT, block=self.block_ms)
+        reply: Any
+        if isinstance(self.client, RedisCluster):
+            # Streams of different partitions sit in different slots, and a cluster refuses
+            # a multi-slot XREAD: read each without blocking, then wait if all were empty.
+            reply = []
+            for stream, cursor in list(self.cursors.items()):
+                reply.extend(await self.client.xread({stream: cursor}, count=READ_COUNT) or [])
+            if not reply:
+                await asyncio.sleep(self.block_ms / 1000)
+        else:
+            streams: dict[Any, Any] = dict(self.cursors)
+            reply = await self.client.xread(streams, count=READ_COUNT, block=self.block_ms)
         behind = False
         for stream, entries in reply or []:
             key = as_str(stream)

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from dmp.audience import Audience
 from dmp.config import Settings
+from dmp.redis_client import connect
 from dmp.rule_tests import load_cases, run_case
 from dmp.rule_versions import RuleVersions, describe_ruleset, diff_rules
 from segment_rules import CompiledRules, RuleFileError, explain, load_rules_file, parse_rules
@@ -55,7 +56,7 @@ def _sync(
 ) -> Command:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         async def main() -> int:
-            client = aioredis.Redis.from_url(settings.redis.url)
+            client = connect(settings.redis)
             try:
                 return await command(args, settings, client)
             finally:

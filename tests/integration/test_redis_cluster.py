@@ -151,11 +151,6 @@ async def test_ingest_on_the_cluster(
     assert members == 40
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ChangeFollower on a cluster: XREAD over streams in several slots is refused and "
-    "SCAN returns a cursor per node (docs/scaling.md); pending the replica rewrite",
-)
 async def test_a_replica_follows_the_cluster(
     cluster_settings: Settings, cluster: aioredis.Redis, rules: CompiledRules
 ) -> None:
