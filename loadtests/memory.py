@@ -140,6 +140,7 @@ def replica_load(
         ready = wait_http(f"http://127.0.0.1:{port}/readyz", proc, 900)
         time.sleep(1.0)  # let the allocator settle after the load
         rss = vm_rss(proc.popen.pid)
+        gauges = replica_gauges(f"http://127.0.0.1:{port}/metrics")
         if snapshots:
             client = redis.Redis.from_url(redis_url)
             parts = [PartitionKeys(prefix, topic, p) for p in range(partitions)]
@@ -152,7 +153,23 @@ def replica_load(
                     time.sleep(0.5)
             finally:
                 client.close()
-    return {"ready_s": ready, "rss_bytes": rss}
+    return {"ready_s": ready, "rss_bytes": rss, **gauges}
+
+
+def replica_gauges(url: str) -> dict[str, float]:
+    """The replica's own account: roaring container bytes of its index, and memberships."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    out = {"index_bytes": float("nan"), "memberships": float("nan")}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "dmp_replica_bitmap_bytes":
+            out["index_bytes"] = float(value)
+        elif name == "dmp_replica_memberships":
+            out["memberships"] = float(value)
+    return out
 
 
 def drop_snapshots(client: redis.Redis, prefix: str, topic: str) -> None:
@@ -218,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             replica_rows.append(
                 {
                     "population": members,
+                    "index_bytes_per_member": loaded["index_bytes"] / members,
                     "rss_delta_bytes_per_member": (loaded["rss_bytes"] - ids_only["rss_bytes"])
                     / members,
                     "ready_s": loaded["ready_s"],
@@ -225,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             print(
                 f"replica, {members:,} members: "
-                f"{replica_rows[-1]['rss_delta_bytes_per_member']:.2f} B/member (RSS delta)",
+                f"{replica_rows[-1]['index_bytes_per_member']:.2f} B/member (index), "
+                f"{replica_rows[-1]['rss_delta_bytes_per_member']:.2f} (RSS delta)",
                 flush=True,
             )
     finally:
@@ -257,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ready_from_bitmaps_s": median([c["ready_s"] for c in cold]),
         "ready_from_snapshots_s": median([w["ready_s"] for w in warm]),
         "rss_bytes": median([c["rss_bytes"] for c in cold]),
+        "index_bytes_per_membership": median([c["index_bytes"] for c in cold]) / members,
         "rss_bytes_per_membership": (median([c["rss_bytes"] for c in cold]) - ids_only["rss_bytes"])
         / members,
         "ids_only_rss_bytes": ids_only["rss_bytes"],
@@ -300,13 +320,22 @@ def print_tables(doc: dict[str, Any]) -> None:
                 r["memory_usage_bytes_per_member"],
                 r["serialized_bytes_per_member"],
                 r["used_memory_delta_bytes_per_member"],
+                rep.get("index_bytes_per_member", float("nan")),
                 rep.get("rss_delta_bytes_per_member", float("nan")),
             ]
         )
     print()
     print(
         table(
-            ["members", "keys", "Redis B/m", "serialized B/m", "used_memory B/m", "replica B/m"],
+            [
+                "members",
+                "keys",
+                "Redis B/m",
+                "serialized B/m",
+                "used_memory B/m",
+                "replica index B/m",
+                "replica RSS B/m",
+            ],
             rows,
         )
     )
@@ -328,6 +357,7 @@ def print_tables(doc: dict[str, Any]) -> None:
                     f["memberships"],
                     f["rss_bytes"] / 1e6,
                     f["rss_bytes_per_membership"],
+                    f["index_bytes_per_membership"],
                     f["ready_from_bitmaps_s"],
                     f["ready_from_snapshots_s"],
                 ]
@@ -347,9 +377,9 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     if doc["replica"]:
         ax.plot(
             [r["population"] for r in doc["replica"]],
-            [r["rss_delta_bytes_per_member"] for r in doc["replica"]],
+            [r["index_bytes_per_member"] for r in doc["replica"]],
             "s-",
-            label="replica (RSS delta, one segment)",
+            label="replica index (one segment)",
         )
     ax.axhline(BYTES_BUDGET, color="r", ls=":", lw=0.8, label="budget (>= 1M members)")
     ax.set_xscale("log")
