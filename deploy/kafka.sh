@@ -3,6 +3,10 @@
 #
 #   deploy/kafka.sh start|stop|status|reset
 #
+# DMP_KAFKA_SASL_USERS="alice:secret,bob:other" adds a SASL_PLAINTEXT listener (mechanism
+# PLAIN, those users) on 127.0.0.1:$DMP_KAFKA_SASL_PORT beside the plaintext one; the
+# passwords live only in the owner-only server.properties.
+#
 # What bin/kafka-server-start.sh would do, by hand: jars from Maven Central (install.sh),
 # storage formatted once, then `java -cp '<libs>/*' kafka.Kafka server.properties`.
 set -euo pipefail
@@ -20,6 +24,8 @@ CLUSTER_ID_FILE="$KAFKA_DIR/cluster.id"
 FORMATTED_FOR="$KAFKA_DIR/formatted-for"
 START_TIMEOUT=60
 BOOTSTRAP="$DMP_HOST:$DMP_KAFKA_PORT"
+DMP_KAFKA_SASL_USERS="${DMP_KAFKA_SASL_USERS:-}"
+DMP_KAFKA_SASL_PORT="${DMP_KAFKA_SASL_PORT:-19094}"
 JAVA="${JAVA:-java}"
 
 java_cmd() {
@@ -62,11 +68,37 @@ replica.fetch.max.bytes=4194304
 
 log.retention.hours=720
 EOF
+    if [[ -n $DMP_KAFKA_SASL_USERS ]]; then
+        render_sasl
+    fi
+}
+
+# The SASL/PLAIN listener: later keys win in a properties file, so these override the above.
+render_sasl() {
+    local users="" pair pairs
+    IFS=',' read -ra pairs <<<"$DMP_KAFKA_SASL_USERS"
+    for pair in "${pairs[@]}"; do
+        users+=" user_${pair%%:*}=\"${pair#*:}\""
+    done
+    cat <<EOF
+listeners=PLAINTEXT://$DMP_HOST:$DMP_KAFKA_PORT,CONTROLLER://$DMP_HOST:$DMP_KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$DMP_HOST:$DMP_KAFKA_SASL_PORT
+advertised.listeners=PLAINTEXT://$DMP_HOST:$DMP_KAFKA_PORT,SASL_PLAINTEXT://$DMP_HOST:$DMP_KAFKA_SASL_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required$users;
+EOF
 }
 
 write_properties() {
+    if [[ $DMP_KAFKA_SASL_USERS == *[\"\\[:space:]]* ]]; then
+        die "kafka: DMP_KAFKA_SASL_USERS must not contain quotes, backslashes or whitespace"
+    fi
     mkdir -p "$KAFKA_DIR" "$DATA_DIR" "$LOG_DIR"
-    render_properties >"$PROPS.tmp"
+    # Owner-only: it may hold SASL passwords.
+    (
+        umask 077
+        render_properties >"$PROPS.tmp"
+    )
     mv -f "$PROPS.tmp" "$PROPS"
 }
 

@@ -113,7 +113,12 @@ class IngestService:
             **security,
         )
         self._stop = stop
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:  # refused (credentials) or unreachable: close what was built
+            await consumer.stop()
+            await producer.stop()
+            raise
         try:
             consumer.subscribe([k.topic], listener=_Rebalance(self, consumer))
             await consumer.start()
