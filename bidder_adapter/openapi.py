@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dmp.auth_admin_routes import openapi_paths as admin_paths
 from dmp.privacy_routes import openapi_paths as privacy_paths
 
 JSON = "application/json"
@@ -421,6 +422,7 @@ def openapi_document() -> dict[str, Any]:
             **_sync_paths(),
             **_service_paths(),
             **privacy_paths(),
+            **admin_paths(),
         },
         "components": {
             "schemas": _schemas(),

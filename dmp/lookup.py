@@ -18,6 +18,7 @@ from aiohttp.typedefs import Middleware
 
 from bidder_adapter.routes import OUTCOME_HEADER, setup_partner_routes
 from dmp.auth import lookup_caller
+from dmp.auth_admin_routes import setup_admin_routes
 from dmp.change_follower import ChangeFollower
 from dmp.config import Settings
 from dmp.limits import limits_middleware
@@ -69,6 +70,7 @@ def create_lookup_app(
     app.router.add_get("/metrics", metrics_endpoint)
     # Opt-outs and erasures (dmp/privacy_routes.py): before the partner routes, which filter too.
     setup_privacy(app, settings, app[REPLICA])
+    setup_admin_routes(app)
     setup_partner_routes(app, settings, app[REPLICA], app[METRICS].registry)
     return app
 

@@ -31,6 +31,7 @@ from dmp.consent import ConsentPolicy
 from dmp.cookie_state import CookieState
 from dmp.ids import position
 from dmp.keys import PartitionKeys, partitions_key
+from dmp.match_table import MatchKeys, decode_forward, match_partners_key
 from dmp.redis_types import as_bytes, as_str
 from segment_rules import CompiledRules
 
@@ -95,6 +96,22 @@ class PrivacyStore:
             await self.client.sadd(keys.privacy_pending, uid)
         log.info("cookie suppressed (%s)", kind)
         return entry
+
+    async def forget_matches(self, uid: str) -> list[str]:
+        """Delete the cookie's ID-sync entries (their user id <-> ours); the partners named."""
+        removed = []
+        for raw in sorted(await self.client.smembers(match_partners_key(self.prefix))):
+            keys = MatchKeys(self.prefix, as_str(raw))
+            theirs = await self.client.get(keys.reverse(uid))
+            if theirs is None:
+                continue
+            forward = keys.forward(as_str(theirs))
+            current = await self.client.get(forward)
+            if current is not None and decode_forward(as_bytes(current))[0] == uid:
+                await self.client.delete(forward)
+            await self.client.delete(keys.reverse(uid))
+            removed.append(keys.partner_id)
+        return removed
 
     async def lift(self, uid: str) -> bool:
         """New consent: the cookie may be segmented again from its next event on."""

@@ -55,11 +55,13 @@ async def _act(
         before = await store.report(uid, rules)
         kind = OPT_OUT if action == "opt-out" else ERASED
         entry = await store.suppress(uid, kind)
+        matches = await store.forget_matches(uid) if kind == ERASED else []
         return {
             "uid": uid,
             "status": "opted_out" if kind == OPT_OUT else "erased",
             "at": entry.at,
             "removed": before["stored"],
+            "match_table_entries_removed": matches,
         }
     finally:
         await client.aclose()

@@ -92,6 +92,7 @@ async def _suppress(request: web.Request, kind: str) -> web.Response:
     try:
         stored = await store.report(uid, request.app[PRIVACY_REPLICA].rules)
         entry = await store.suppress(uid, kind)
+        matches = await store.forget_matches(uid) if kind == ERASED else []
     except RedisError as exc:
         log.warning("privacy request not stored (%s)", exc)
         return limit_error(503, "store unavailable; nothing changed, try again")
@@ -103,6 +104,7 @@ async def _suppress(request: web.Request, kind: str) -> web.Response:
             "at": entry.at,
             # What was stored when the request came; ingest removes it within about a second.
             "removed": stored["stored"],
+            "match_table_entries_removed": matches,
         }
     )
 

@@ -22,6 +22,7 @@ from dmp.config import Settings
 from dmp.ids import LOCAL_BITS
 from dmp.keys import PartitionKeys
 from dmp.lookup import FOLLOWER, create_lookup_app
+from dmp.match_table import MatchKeys, MatchTableStore
 from dmp.privacy_routes import PRIVACY_FOLLOWER
 from dmp.redis_types import as_bytes
 from segment_rules import CompiledRules
@@ -216,14 +217,32 @@ async def test_erasure_is_not_undone_by_a_replay_only_by_new_consent(
     await wait_until_offsets(redis_client, s, len(old))
     client = await lookup(aiohttp_client, s, rules)
     await wait_until_segments(client, "erase-me", ALL)
+    matches = MatchTableStore(
+        redis_client, prefix=s.redis.key_prefix, ttl_days=30, stream_maxlen=100
+    )
+    await matches.record("acme-dsp", "acme-user-77", "erase-me")
+    match_keys = MatchKeys(s.redis.key_prefix, "acme-dsp")
+    assert (
+        await redis_client.exists(
+            match_keys.forward("acme-user-77"), match_keys.reverse("erase-me")
+        )
+        == 2
+    )
 
     for uid in ("erase-me", "api-consent"):
         report = await post_uid(client, "/v1/privacy/erase", uid)
+        assert report["match_table_entries_removed"] == (["acme-dsp"] if uid == "erase-me" else [])
         assert report["status"] == "erased"
         assert report["removed"][0]["segments"] == sorted(ALL)
         assert sum(report["removed"][0]["counters"].values()) == 3
         await wait_until_async(lambda u=uid: no_traces(redis_client, s, u), "erasure")
         assert await segments_of(client, uid) == []
+    assert (
+        await redis_client.exists(
+            match_keys.forward("acme-user-77"), match_keys.reverse("erase-me")
+        )
+        == 0
+    )
     status = await client.get("/v1/privacy/users/erase-me", headers=admin())
     assert (await status.json())["stored"] == []
 

@@ -154,6 +154,16 @@ async def test_keys_guard_admin_and_lookup_endpoints(
     await error_of(await client.get("/v1/privacy/users/k-user", headers=bearer(BETA_KEY)), 401)
     await error_of(await client.post("/v1/admin/partners/reload", headers=bearer(ACME_KEY)), 401)
     assert (await client.get("/v1/privacy/users/k-user", headers=bearer(ADMIN_KEY))).status == 200
+    # Rules and estimates: admin only.
+    estimate = "/v1/admin/segments/new_car_socal/estimate"
+    await error_of(await client.get(estimate, headers=bearer(ACME_KEY)), 401)
+    await error_of(await client.get("/v1/admin/rules", headers=bearer(BETA_KEY)), 401)
+    answer = await client.get(estimate, headers=bearer(ADMIN_KEY))
+    assert await answer.json() == {"segment": "new_car_socal", "members": 1}
+    rules_doc = await (await client.get("/v1/admin/rules", headers=bearer(ADMIN_KEY))).json()
+    assert rules_doc["version"] == rules.version
+    unknown = "/v1/admin/segments/nope/estimate"
+    await error_of(await client.get(unknown, headers=bearer(ADMIN_KEY)), 404)
 
     # With no admin key configured, the admin API is off altogether.
     off = replace(s, partner=replace(s.partner, admin_key_sha256=""))
