@@ -7,13 +7,13 @@ written by others exactly as it came (irregular ones included, e.g. `segtax: "4"
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
 from bidder_adapter import jsonio
 from bidder_adapter.profiles import PartnerProfile
+from dmp.consent import ConsentStringError, decode_tc_string
 
 Mode = Literal["full", "fragment"]
 DataObject = dict[str, object]
@@ -91,18 +91,28 @@ def gdpr_applies_without_consent(request: object) -> bool:
 # A TCF v2 TC string is base64url segments joined by dots. The core segment opens with
 # the 6-bit version, 2, which base64url spells "C", and its fixed fields plus the empty
 # vendor sections take 259 bits, so at least 44 characters.
-_TCF_V2_SHAPE: Final = re.compile(r"C[A-Za-z0-9_-]{43,}(?:\.[A-Za-z0-9_-]+)*")
+# TCF purposes that targeting by segments needs: 1 store/access information on a device,
+# 3 create a personalised ads profile, 4 select personalised ads. Same default as ingest
+# (DMP_PRIVACY_CONSENT_PURPOSES).
+DEFAULT_PURPOSES: Final = frozenset({1, 3, 4})
 
 
-def has_consent(consent_string: str | None) -> bool:
-    """Whether `consent_string` looks like a TCF v2 TC string. A placeholder, not a check.
+def has_consent(
+    consent_string: str | None, purposes: frozenset[int] = DEFAULT_PURPOSES, vendor_id: int = 0
+) -> bool:
+    """Whether a TCF v2 TC string consents to every purpose in ``purposes`` (and the vendor).
 
-    This only tests the shape (non-empty, base64url segments, version 2, long enough). It
-    does NOT decode the string, so it cannot tell whether the user consented to the
-    purposes we need or to us as a vendor: a string that refuses everything passes.
-    Real TCF purpose and vendor checks must replace this before GDPR traffic is served.
+    The core segment is decoded (dmp.consent); an unreadable or refusing string is no consent.
     """
-    return consent_string is not None and _TCF_V2_SHAPE.fullmatch(consent_string) is not None
+    if not consent_string:
+        return False
+    try:
+        decoded = decode_tc_string(consent_string)
+    except ConsentStringError:
+        return False
+    if not purposes <= decoded.purpose_consents:
+        return False
+    return not vendor_id or vendor_id in decoded.vendor_consents
 
 
 def build_data_object(profile: PartnerProfile, partner_segment_ids: Sequence[str]) -> DataObject:

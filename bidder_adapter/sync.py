@@ -16,11 +16,12 @@ from urllib.parse import quote
 
 from bidder_adapter.openrtb import has_consent
 from bidder_adapter.profiles import UID_MACRO
+from dmp.consent import ConsentStringError, gpp_sections
 
 # GPP section 2 is the EU TCF v2 section: when it is listed, GDPR rules apply.
 GPP_SID_TCF_EU_V2: Final = "2"
 # A GPP string opens with its header section (type 3, version 1: base64url "DB..."), then
-# `~`-separated sections. Shape only, like has_consent: no section is decoded.
+# `~`-separated sections; the shape is checked first, then the header is decoded.
 _GPP_SHAPE: Final = re.compile(r"D[A-Za-z0-9_-]{2,}(?:~[A-Za-z0-9_.-]*)*")
 # What we mint is 22 base64url characters; we also accept the ids events carry, as long
 # as they are safe in a cookie value without quoting.
@@ -57,16 +58,22 @@ def gdpr_applies(query: Mapping[str, str]) -> bool:
 def has_sync_consent(query: Mapping[str, str]) -> bool:
     """True when we may read, set and store ids for this pixel call.
 
-    Where GDPR applies we need a TCF v2 string in `gdpr_consent` or a GPP string in `gpp`;
-    both checks are of shape only (see openrtb.has_consent): real TCF/GPP purpose and vendor
-    decoding must replace them before EU traffic is served.
+    Where GDPR applies we need a TCF v2 string in `gdpr_consent`, or a GPP string in `gpp`
+    whose EU TCF v2 section (id 2), each consenting to our purposes (openrtb.has_consent).
     """
     if not gdpr_applies(query):
         return True
     if has_consent(query.get("gdpr_consent") or None):
         return True
     gpp = query.get("gpp", "")
-    return _GPP_SHAPE.fullmatch(gpp) is not None
+    if _GPP_SHAPE.fullmatch(gpp) is None:
+        return False
+    try:
+        sections = gpp_sections(gpp)
+    except ConsentStringError:
+        return False
+    tcf_eu = sections.get(int(GPP_SID_TCF_EU_V2))
+    return has_consent(tcf_eu)
 
 
 def fill_sync_url(template: str, cookie_id: str, query: Mapping[str, str]) -> str:

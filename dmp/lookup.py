@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
@@ -26,6 +25,7 @@ from dmp.logs import REQUEST_ID_HEADER, bind, request_id, unbind
 from dmp.metrics import CONTENT_TYPE, DEADLINE_OUTCOME, NO_PARTNER, PARTNER_LABEL, LookupMetrics
 from dmp.privacy_follow import SUPPRESSION
 from dmp.privacy_routes import PRIVACY_FOLLOWER, setup_privacy
+from dmp.redis_client import connect
 from dmp.replica import Replica
 from dmp.rule_versions import RuleVersions, RuleWatcher
 from segment_rules import CompiledRules
@@ -77,7 +77,7 @@ def create_lookup_app(
 
 async def _follow_changes(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    client = aioredis.Redis.from_url(settings.redis.url)
+    client = connect(settings.redis)
     follower = ChangeFollower(
         client,
         app[REPLICA],

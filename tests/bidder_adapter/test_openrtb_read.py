@@ -8,9 +8,13 @@ import pytest
 
 from bidder_adapter.openrtb import UserIds, find_user_ids, gdpr_applies_without_consent, has_consent
 from tests.bidder_adapter.support import OPENRTB_DIR, fixture_id, fixture_paths
+from tests.integration.tcf_encoder import encode_tc_string
 
-# A real TCF v2 string (IAB example: CMP 27, vendor list 15), core only and with a second segment.
-TCF_CORE = "COvFyGBOvFyGBAbAAAENAPCAAOAAAAAAAAAAAEEUACCKAAA"
+# A real TCF v2 string (IAB example: CMP 27, vendor list 15). It consents to purposes 1-3
+# only, so not to all of ours (1, 3, 4): no consent for segment targeting.
+IAB_EXAMPLE = "COvFyGBOvFyGBAbAAAENAPCAAOAAAAAAAAAAAEEUACCKAAA"
+# Consent to purposes 1-10 and vendors 8 and 755, encoded by the tests' TCF encoder.
+TCF_CORE = encode_tc_string(purposes=range(1, 11), vendors=(8, 755))
 TCF_TWO_SEGMENTS = (
     TCF_CORE
     + ".IFoEUQQgAIQwgIwQABAEAAAAOIAACAIAAAAQAIAgEAACEAAAAAgAQBAAAAAAAGBAAgAAAAAAAFAAECAAAgA"
@@ -111,6 +115,7 @@ def gdpr_request(regs: dict[str, Any] | None, user: dict[str, Any] | None) -> di
         pytest.param({"gdpr": 1}, None, True, id="2.6-no-user"),
         pytest.param({"gdpr": 1}, {"consent": ""}, True, id="2.6-empty-consent"),
         pytest.param({"gdpr": 1}, {"consent": TCF_CORE}, False, id="2.6-consent"),
+        pytest.param({"gdpr": 1}, {"consent": IAB_EXAMPLE}, True, id="2.6-not-our-purposes"),
         pytest.param({"ext": {"gdpr": 1}}, {"ext": {}}, True, id="2.5-no-consent"),
         pytest.param({"ext": {"gdpr": 1}}, {"ext": {"consent": ""}}, True, id="2.5-empty"),
         pytest.param({"ext": {"gdpr": 1}}, {"ext": {"consent": TCF_CORE}}, False, id="2.5-ok"),
@@ -138,14 +143,21 @@ def test_gdpr_applies_without_consent(
     [
         (TCF_CORE, True),
         (TCF_TWO_SEGMENTS, True),
+        (encode_tc_string(purposes=(1, 3, 4)), True),  # exactly ours
+        (encode_tc_string(purposes=(1, 3)), False),  # no "select personalised ads"
+        (encode_tc_string(purposes=()), False),  # refused everything
+        (IAB_EXAMPLE, False),  # a real string consenting to purposes 1-3 only
         (None, False),
         ("", False),
         ("C", False),  # right version, far too short for a core segment
         ("BOEFEAyOEFEAyAHABDENAI4AAAB9vABAASA", False),  # TCF v1, retired
-        (TCF_CORE.replace("A", "+", 1), False),  # standard base64, not base64url
-        (TCF_CORE + ".", False),
-        (" " + TCF_CORE, False),
+        ("yes please", False),
     ],
 )
-def test_has_consent_checks_shape_only(consent: str | None, expected: bool) -> None:
+def test_has_consent_decodes_the_purposes(consent: str | None, expected: bool) -> None:
     assert has_consent(consent) is expected
+
+
+def test_has_consent_checks_our_vendor_when_configured() -> None:
+    assert has_consent(TCF_CORE, vendor_id=755)
+    assert not has_consent(TCF_CORE, vendor_id=756)

@@ -12,6 +12,7 @@ from bidder_adapter.sync import (
 )
 from tests.bidder_adapter.partner_yaml import partner_yaml
 from tests.bidder_adapter.test_openrtb_read import TCF_CORE
+from tests.integration.tcf_encoder import encode_gpp
 
 
 @pytest.mark.parametrize(
@@ -35,7 +36,9 @@ def test_consent_needs_a_tc_or_gpp_string_where_gdpr_applies() -> None:
     assert has_sync_consent({})
     assert not has_sync_consent({"gdpr": "1"})
     assert has_sync_consent({"gdpr": "1", "gdpr_consent": TCF_CORE})
-    assert has_sync_consent(
+    assert has_sync_consent({"gpp_sid": "2", "gpp": encode_gpp({2: TCF_CORE})})
+    # A real GPP example whose EU TCF section consents to no purpose: no consent.
+    assert not has_sync_consent(
         {"gpp_sid": "2", "gpp": "DBABMA~CPXxRfAPXxRfAAfKABENB-CgAAAAAAAAAAYgAAAAAAAA"}
     )
     assert not has_sync_consent({"gpp_sid": "2", "gpp": "not gpp"})

@@ -31,9 +31,11 @@ from tests.bidder_adapter.stack import (
 )
 from tests.bidder_adapter.test_openrtb_read import TCF_CORE
 from tests.integration.conftest import wait_until
+from tests.integration.tcf_encoder import encode_gpp
 
 Client = TestClient[Any, Any]
-GPP = "DBABMA~CPXxRfAPXxRfAAfKABENB-CgAAAAAAAAAAYgAAAAAAAA"
+# A GPP string whose EU TCF v2 section consents to our purposes.
+GPP = encode_gpp({2: TCF_CORE})
 DAY = 86400
 
 
