@@ -7,11 +7,11 @@ import asyncio
 import sys
 
 import orjson
-import redis.asyncio as aioredis
 
 from dmp.config import Settings
 from dmp.events import MAX_UID_LENGTH
 from dmp.privacy import ERASED, OPT_OUT, PrivacyStore
+from dmp.redis_client import connect
 from segment_rules import CompiledRules, RuleFileError, load_rules_file
 
 
@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 async def _act(
     action: str, uid: str, settings: Settings, rules: CompiledRules | None
 ) -> dict[str, object]:
-    client = aioredis.Redis.from_url(settings.redis.url)
+    client = connect(settings.redis)
     try:
         store = PrivacyStore.from_settings(client, settings)
         if action == "status":

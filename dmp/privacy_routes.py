@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -27,6 +26,7 @@ from dmp.events import MAX_UID_LENGTH
 from dmp.limits import limit_error
 from dmp.privacy import ERASED, OPT_OUT, PrivacyStore
 from dmp.privacy_follow import SUPPRESSION, SuppressionFollower, SuppressionList
+from dmp.redis_client import connect
 from dmp.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def setup_privacy(app: web.Application, settings: Settings, replica: Replica) ->
 
 async def _privacy_background(app: web.Application) -> AsyncIterator[None]:
     settings = app[PRIVACY_SETTINGS]
-    client = aioredis.Redis.from_url(settings.redis.url)
+    client = connect(settings.redis)  # a cluster client when DMP_REDIS_CLUSTER
     try:
         app[PRIVACY_STORE] = PrivacyStore.from_settings(client, settings)
         follower = SuppressionFollower(

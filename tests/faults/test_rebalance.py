@@ -70,3 +70,4 @@ async def test_consumer_joins_and_leaves_mid_stream(
     after = await state_snapshot(redis_client, settings.redis.key_prefix)
     reference = await state_snapshot(redis_client, clean.redis.key_prefix)
     assert after == reference, summarize_difference(after, reference)
+    print(f"\n{len(events)} events; a consumer joined at {joined_at}, left at {left_at}: no change")
