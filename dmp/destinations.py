@@ -33,6 +33,7 @@ from dmp.cookie_state import CookieState
 from dmp.ids import LOCAL_BITS
 from dmp.keys import PartitionKeys, partitions_key
 from dmp.match_table import MatchKeys
+from dmp.privacy import PrivacyStore
 from dmp.redis_types import as_bytes, as_str
 from segment_rules import CompiledRules
 
@@ -284,6 +285,8 @@ class Exporter:
         if self.whole_membership and uids:
             current = await self._members(uids, users)
         changes: list[tuple[str, list[str], list[str]]] = []
+        # Opted-out and erased cookies: their removals go out, never an add (dmp/privacy.py).
+        blocked = await PrivacyStore(self.client, self.prefix, self.topic).suppressed_among(uids)
         for uid in uids:
             added, removed = users[uid].net()
             if self.whole_membership:
@@ -294,6 +297,8 @@ class Exporter:
             else:
                 adds = sorted(profile.mapped(added))
                 removes = sorted(profile.mapped(removed))
+            if uid in blocked:
+                adds = []
             if adds or removes:
                 changes.append((uid, adds, removes))
         ids = [uid for uid, _, _ in changes]

@@ -17,8 +17,11 @@ from aiokafka import AIOKafkaProducer
 from pyroaring import BitMap
 from pytest_aiohttp import AiohttpClient
 
+from bidder_adapter.partner_file import load_partner_file
 from bidder_adapter.profiles import hash_api_key
 from dmp.config import Settings
+from dmp.destinations import DestinationMetrics, Exporter
+from dmp.destinations_sinks import FileSink
 from dmp.ids import LOCAL_BITS
 from dmp.keys import PartitionKeys
 from dmp.lookup import FOLLOWER, create_lookup_app
@@ -361,3 +364,59 @@ async def added_since(
             if doc["w"] >= since:
                 added.update(pos for ps in doc["a"].values() for pos in ps if pos in positions)
     return added
+
+
+async def test_opted_out_cookie_is_in_no_export(
+    settings: Settings,
+    rules: CompiledRules,
+    start_ingest: StartIngest,
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "exports"
+    s = with_admin(settings, tmp_path)
+    assert s.partners_path is not None
+    partners = s.partners_path
+    partners.write_text(
+        partner_yaml(destination=f"    destination: {{kind: file, path: '{out}'}}\n")
+    )
+    await start_ingest(s)
+    await intender(producer, s, "export-out")
+    await intender(producer, s, "export-in")
+    await wait_until_offsets(redis_client, s, 4)
+    client = await lookup(aiohttp_client, s, rules)
+    await post_uid(client, "/v1/privacy/opt-out", "export-out")
+    await wait_until_async(lambda: no_traces(redis_client, s, "export-out"), "erasure")
+    await intender(producer, s, "export-out")  # after the opt-out: never exported
+    await wait_until_offsets(redis_client, s, 6)
+
+    profile = load_partner_file(partners).profiles["acme-dsp"]
+    assert profile.destination is not None
+    exporter = Exporter(
+        redis_client,
+        profile,
+        rules,
+        FileSink(profile.destination),
+        DestinationMetrics.create(),
+        prefix=s.redis.key_prefix,
+        state_prefix="dest",
+        topic=s.kafka.topic,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(exporter.run(stop))
+    try:
+        await wait_until(lambda: any(out.glob("*.jsonl")), 10, "an export")
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    lines = [
+        orjson.loads(line)
+        for f in sorted(out.glob("*.jsonl"))
+        for line in f.read_bytes().splitlines()
+    ]
+    exported = {line["user_id"]: line for line in lines}
+    assert exported["export-in"]["add"] == ["acme-new-vehicles", "acme-socal-dealers"]
+    assert all(not line["add"] for line in lines if line["user_id"] == "export-out")
