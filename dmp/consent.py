@@ -16,6 +16,8 @@ and reads no GPP. What segmentation needs is small and fixed by the specs:
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,51 +33,44 @@ class ConsentStringError(ValueError):
     """The string is not a TCF v2 / GPP string we can read."""
 
 
-_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-_SIXBITS = {c: n for n, c in enumerate(_ALPHABET)}
-
-
 class _Bits:
-    """The bits of one base64url segment, six per character: encoders pad to 6 bits, not 8,
-    so decoding to bytes first could drop a string's last bits."""
+    """The bits of one base64url segment, six per character, as a text of 0s and 1s.
+
+    Six per character because encoders pad to 6 bits, not 8: the segment is padded with
+    "A" (zero bits) to whole bytes and cut back after. Text because slicing it is linear,
+    where reading fields off one big integer made a 1,000-vendor string cost 200 us.
+    """
 
     def __init__(self, segment: str) -> None:
         segment = segment.rstrip("=")
-        value = 0
+        padded = segment + "A" * (-len(segment) % 4)
         try:
-            for char in segment:
-                value = value << 6 | _SIXBITS[char]
-        except KeyError:
+            raw = base64.b64decode(padded, altchars=b"-_", validate=True)
+        except (binascii.Error, ValueError):
             raise ConsentStringError("not base64url") from None
-        self.value = value
-        self.length = len(segment) * 6
+        self.bits = format(int.from_bytes(raw, "big"), f"0{len(raw) * 8}b")[: len(segment) * 6]
+        self.length = len(self.bits)
         self.pos = 0
 
-    def read(self, n: int) -> int:
+    def take(self, n: int) -> str:
         if self.pos + n > self.length:
             raise ConsentStringError("string ends early")
-        shift = self.length - self.pos - n
         self.pos += n
-        return (self.value >> shift) & ((1 << n) - 1)
+        return self.bits[self.pos - n : self.pos]
+
+    def read(self, n: int) -> int:
+        return int(self.take(n), 2)
 
     def fibonacci(self) -> int:
         """One Fibonacci-coded integer (Zeckendorf bits, lowest first, ended by "11")."""
+        end = self.bits.find("11", self.pos)
+        if end < 0 or end + 2 - self.pos > 64:
+            raise ConsentStringError("bad Fibonacci number")
+        code = self.take(end + 2 - self.pos)
         fibs = [1, 2]
-        total = 0
-        previous = 0
-        index = 0
-        while True:
-            bit = self.read(1)
-            if bit and previous:
-                return total
-            if index >= len(fibs):
-                fibs.append(fibs[-1] + fibs[-2])
-            if bit:
-                total += fibs[index]
-            previous = bit
-            index += 1
-            if index > 64:
-                raise ConsentStringError("Fibonacci number too long")
+        while len(fibs) < len(code):
+            fibs.append(fibs[-1] + fibs[-2])
+        return sum(f for f, bit in zip(fibs, code[:-1], strict=False) if bit == "1")
 
 
 @dataclass(frozen=True)
@@ -97,11 +92,35 @@ class TCString:
 
 
 def _bitfield(bits: _Bits, n: int) -> frozenset[int]:
-    return frozenset(i + 1 for i in range(n) if bits.read(1))
+    field = bits.take(n)
+    found = []
+    i = field.find("1")
+    while i >= 0:
+        found.append(i + 1)
+        i = field.find("1", i + 1)
+    return frozenset(found)
 
 
-def decode_tc_string(tc: str) -> TCString:
-    """The core segment of a TCF v2 TC string (later segments, after '.', are not needed)."""
+def _vendor_section(bits: _Bits, max_vendor: int) -> frozenset[int]:
+    if not bits.read(1):
+        return _bitfield(bits, max_vendor)
+    found: set[int] = set()  # range encoding
+    for _ in range(bits.read(12)):
+        if bits.read(1):
+            start, end = bits.read(16), bits.read(16)
+            if end < start or end > max_vendor:
+                raise ConsentStringError("bad vendor range")
+            found.update(range(start, end + 1))
+        else:
+            found.add(bits.read(16))
+    return frozenset(found)
+
+
+def decode_tc_string(tc: str, *, vendors: bool = True) -> TCString:
+    """The core segment of a TCF v2 TC string (later segments, after '.', are not needed).
+
+    With ``vendors=False`` the vendor section is not read (``vendor_consents`` is empty).
+    """
     core = tc.strip().split(".", 1)[0]
     if not core:
         raise ConsentStringError("empty TC string")
@@ -125,19 +144,7 @@ def decode_tc_string(tc: str) -> TCString:
     bits.read(1)  # purpose one treatment
     bits.read(12)  # publisher country code
     max_vendor = bits.read(16)
-    if bits.read(1):  # range encoding
-        vendors: set[int] = set()
-        for _ in range(bits.read(12)):
-            if bits.read(1):
-                start, end = bits.read(16), bits.read(16)
-                if end < start or end > max_vendor:
-                    raise ConsentStringError("bad vendor range")
-                vendors.update(range(start, end + 1))
-            else:
-                vendors.add(bits.read(16))
-        vendor_consents = frozenset(vendors)
-    else:
-        vendor_consents = _bitfield(bits, max_vendor)
+    vendor_consents = _vendor_section(bits, max_vendor) if vendors else frozenset()
     return TCString(
         version=version,
         created_ds=created,
@@ -246,7 +253,7 @@ class ConsentPolicy:
 
     def _judge(self, tc: str) -> Verdict:
         try:
-            decoded = decode_tc_string(tc)
+            decoded = decode_tc_string(tc, vendors=bool(self.vendor_id))
         except ConsentStringError:
             return Verdict(False, "unreadable")
         if not self.purposes <= decoded.purpose_consents:
