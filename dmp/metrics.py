@@ -250,10 +250,16 @@ class IngestMetrics:
         return _render(self.registry, self.multiproc_dir)
 
     def set_rule_set(self, version: str) -> None:
-        # After a hot reload only the version in force is reported: two would read as a
-        # half-rolled fleet (DMPRuleSetVersionMismatch).
-        self.rule_set.clear()
-        self.rule_set.labels(short_version(version)).set(1)
+        # After a hot reload only the version in force reads 1: two would look like a
+        # half-rolled fleet (DMPRuleSetVersionMismatch counts the series equal to 1).
+        label = short_version(version)
+        if self.multiproc_dir is None:
+            self.rule_set.clear()
+        else:  # clear() does not reach the shared files: zero what this process had set
+            for (old,) in list(self.rule_set._metrics):  # prometheus-client keeps no public list
+                if old != label:
+                    self.rule_set.labels(old).set(0)
+        self.rule_set.labels(label).set(1)
 
     def forget_partition(self, partition: int) -> None:
         """A revoked partition: its lag is now another consumer's to report."""
@@ -379,7 +385,13 @@ class LookupMetrics:
         return _render(self.registry, self.multiproc_dir) + self.segment_members.render()
 
     def set_rule_set(self, version: str) -> None:
-        # After a hot reload only the version in force is reported: two would read as a
-        # half-rolled fleet (DMPRuleSetVersionMismatch).
-        self.rule_set.clear()
-        self.rule_set.labels(short_version(version)).set(1)
+        # After a hot reload only the version in force reads 1: two would look like a
+        # half-rolled fleet (DMPRuleSetVersionMismatch counts the series equal to 1).
+        label = short_version(version)
+        if self.multiproc_dir is None:
+            self.rule_set.clear()
+        else:  # clear() does not reach the shared files: zero what this process had set
+            for (old,) in list(self.rule_set._metrics):  # prometheus-client keeps no public list
+                if old != label:
+                    self.rule_set.labels(old).set(0)
+        self.rule_set.labels(label).set(1)
