@@ -18,6 +18,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from redis.exceptions import RedisError
 
+from bidder_adapter.following import following
 from dmp.auth_transport import kafka_security_options
 from dmp.config import Settings
 from dmp.dead_letter import DeadLetters, Rejected, reason_class
@@ -27,7 +28,7 @@ from dmp.logs import log_context
 from dmp.metrics import IngestMetrics
 from dmp.partition_batch import BatchPlan, plan_batch
 from dmp.partition_store import Fenced, PartitionStore
-from dmp.privacy import ingest_privacy
+from dmp.privacy_ingest import ingest_privacy
 from dmp.rule_versions import RuleVersions, RuleWatcher
 from segment_rules import CompiledRules
 
@@ -126,15 +127,17 @@ class IngestService:
             dead_letters = DeadLetters(producer, k.dead_letter_topic)
             if started is not None:
                 started.set()
-            while not stop.is_set():
-                await self._poll_rules()
-                batches = await consumer.getmany(
-                    timeout_ms=k.poll_timeout_ms, max_records=k.max_batch
-                )
-                for tp, records in batches.items():
-                    await self._process(consumer, dead_letters, tp, records)
-                await self._sweep_due(set(batches))
-                await self._observe(consumer)
+            # The suppression list, mirrored in memory while we consume (dmp/privacy_ingest.py).
+            async with following(self.privacy.follower):
+                while not stop.is_set():
+                    await self._poll_rules()
+                    batches = await consumer.getmany(
+                        timeout_ms=k.poll_timeout_ms, max_records=k.max_batch
+                    )
+                    for tp, records in batches.items():
+                        await self._process(consumer, dead_letters, tp, records)
+                    await self._sweep_due(set(batches))
+                    await self._observe(consumer)
         finally:
             self._consumer = None
             await consumer.stop()
@@ -252,7 +255,7 @@ class IngestService:
                 rejected[0].offset,
                 rejected[0].reason,
             )
-        # Consent, opt-outs and erasures (dmp/privacy.py): what may be used, what to remove.
+        # Consent, opt-outs and erasures (dmp/privacy_ingest.py): what may be used, what goes.
         screened = await self.privacy.screen(store.keys, events)
         events = screened.events
         due = await store.due_uids(now, ing.due_sweep_limit)

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry, Counter
 
 from dmp.config import Settings
-from dmp.consent import ConsentPolicy
 from dmp.cookie_state import CookieState
 from dmp.ids import position
 from dmp.keys import PartitionKeys, partitions_key
@@ -173,84 +171,3 @@ class PrivacyStore:
 
 def _count(entry: object) -> int:
     return len(entry) if isinstance(entry, list | tuple | dict) else 1
-
-
-@dataclass(frozen=True)
-class Screened:
-    events: list[dict[str, Any]]  # usable for segmentation
-    erase: set[str]  # cookies whose stored data this batch removes
-
-
-class IngestPrivacy:
-    """Ingest's side: consent checks, the suppression list, and pending erasures."""
-
-    def __init__(
-        self, store: PrivacyStore, policy: ConsentPolicy, registry: CollectorRegistry
-    ) -> None:
-        self.store = store
-        self.policy = policy
-        self.refused = Counter(
-            "dmp_privacy_events_without_consent_total",
-            "Events not used for segmentation: no consent for the configured purposes.",
-            ["reason"],
-            registry=registry,
-        )
-        for reason in ("no_consent", "unreadable", "purposes", "vendor"):
-            self.refused.labels(reason)
-        self.suppressed = Counter(
-            "dmp_privacy_events_suppressed_total",
-            "Events of opted-out or erased cookies, not used.",
-            registry=registry,
-        )
-        self.erased = Counter(
-            "dmp_privacy_cookies_erased_total",
-            "Cookies whose stored state ingest removed after an opt-out or erasure.",
-            registry=registry,
-        )
-        self.lifted = Counter(
-            "dmp_privacy_erasures_lifted_total",
-            "Erased cookies segmented again after an event brought newer consent.",
-            registry=registry,
-        )
-
-    async def screen(
-        self, keys: PartitionKeys, events: Iterable[dict[str, Any]], due: Iterable[str] = ()
-    ) -> Screened:
-        usable: list[tuple[dict[str, Any], float]] = []
-        for event in events:
-            verdict = self.policy.verdict(event)
-            if verdict.usable:
-                usable.append((event, verdict.last_updated))
-            else:
-                self.refused.labels(verdict.reason).inc()
-        uids = list({e["uid"] for e, _ in usable})
-        suppressed = await self.store.suppressed_among(uids)
-        erase = await self.store.pending(keys)
-        kept: list[dict[str, Any]] = []
-        for event, consent_time in usable:
-            uid = event["uid"]
-            entry = suppressed.get(uid)
-            if entry is not None and entry.kind == ERASED and consent_time > entry.at:
-                if await self.store.lift(uid):
-                    self.lifted.inc()
-                del suppressed[uid]
-                entry = None
-            if entry is not None:
-                self.suppressed.inc()
-                continue
-            kept.append(event)
-        # A suppressed cookie seen again keeps no state, even if its pending mark is gone.
-        erase.update(suppressed)
-        return Screened(kept, erase)
-
-    def count_erased(self, erased: int) -> None:
-        if erased:
-            self.erased.inc(erased)
-
-
-def ingest_privacy(
-    client: aioredis.Redis, settings: Settings, registry: CollectorRegistry
-) -> IngestPrivacy:
-    return IngestPrivacy(
-        PrivacyStore.from_settings(client, settings), ConsentPolicy(settings.privacy), registry
-    )
