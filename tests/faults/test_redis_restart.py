@@ -118,6 +118,7 @@ async def test_redis_restart_loses_nothing_and_nobody_waits(
         )
         assert proc.alive
         assert "Redis failed" in proc.output()
+        assert "retried in 0.8s" in proc.output()  # the pause doubled while Redis was away
         proc.signal(signal.SIGTERM)
         assert await proc.wait(30) == 0, proc.output()[-3000:]
     finally:
