@@ -125,6 +125,22 @@ def short_version(version: str) -> str:
     return version[:VERSION_PREFIX]
 
 
+def set_version_info(info: Gauge, version: str, multiproc_dir: Path | None) -> None:
+    """Report ``version`` as the one in force: only its series reads 1.
+
+    Two series at 1 after a hot reload would look like a half-rolled fleet
+    (DMPRuleSetVersionMismatch counts the series equal to 1).
+    """
+    label = short_version(version)
+    if multiproc_dir is None:
+        info.clear()
+    else:  # clear() does not reach the shared files: zero what this process had set
+        for (old,) in list(info._metrics):  # prometheus-client keeps no public list
+            if old != label:
+                info.labels(old).set(0)
+    info.labels(label).set(1)
+
+
 @dataclass(frozen=True)
 class IngestMetrics:
     registry: CollectorRegistry
@@ -250,16 +266,7 @@ class IngestMetrics:
         return _render(self.registry, self.multiproc_dir)
 
     def set_rule_set(self, version: str) -> None:
-        # After a hot reload only the version in force reads 1: two would look like a
-        # half-rolled fleet (DMPRuleSetVersionMismatch counts the series equal to 1).
-        label = short_version(version)
-        if self.multiproc_dir is None:
-            self.rule_set.clear()
-        else:  # clear() does not reach the shared files: zero what this process had set
-            for (old,) in list(self.rule_set._metrics):  # prometheus-client keeps no public list
-                if old != label:
-                    self.rule_set.labels(old).set(0)
-        self.rule_set.labels(label).set(1)
+        set_version_info(self.rule_set, version, self.multiproc_dir)
 
     def forget_partition(self, partition: int) -> None:
         """A revoked partition: its lag is now another consumer's to report."""
@@ -385,13 +392,4 @@ class LookupMetrics:
         return _render(self.registry, self.multiproc_dir) + self.segment_members.render()
 
     def set_rule_set(self, version: str) -> None:
-        # After a hot reload only the version in force reads 1: two would look like a
-        # half-rolled fleet (DMPRuleSetVersionMismatch counts the series equal to 1).
-        label = short_version(version)
-        if self.multiproc_dir is None:
-            self.rule_set.clear()
-        else:  # clear() does not reach the shared files: zero what this process had set
-            for (old,) in list(self.rule_set._metrics):  # prometheus-client keeps no public list
-                if old != label:
-                    self.rule_set.labels(old).set(0)
-        self.rule_set.labels(label).set(1)
+        set_version_info(self.rule_set, version, self.multiproc_dir)
