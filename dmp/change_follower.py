@@ -72,13 +72,17 @@ class ChangeFollower:
         self._sized_at = 0.0
         self._gaps_checked_at = time.monotonic()
         self._snapshot_at = time.monotonic()
+        shard = replica.shard
+        self.metrics.shard.labels(
+            "all" if shard is None else shard.label,
+            "all" if shard is None else ",".join(map(str, shard.owned_partitions)),
+        ).set(1)
 
     # -- loading -------------------------------------------------------------------------
     async def load_snapshot(self) -> None:
         """Load every known partition; the replica is ready afterwards."""
         started = time.monotonic()
-        raw = await self.client.smembers(partitions_key(self.prefix, self.topic))
-        for partition in sorted(int(p) for p in raw):
+        for partition in await self._partitions():
             await self.load_partition(PartitionKeys(self.prefix, self.topic, partition))
         self._update_gauges(force=True)
         self.ready.set()
@@ -244,9 +248,26 @@ class ChangeFollower:
         if caught_up:
             self.metrics.change_stream_lag.set(0)
 
-    async def _discover_partitions(self) -> None:
+    async def _partitions(self) -> list[int]:
+        """The partitions with state that this replica holds: all, or its shard's."""
         raw = await self.client.smembers(partitions_key(self.prefix, self.topic))
-        for partition in sorted(int(p) for p in raw):
+        known = sorted(int(p) for p in raw)
+        shard = self.replica.shard
+        if shard is None:
+            return known
+        beyond = [p for p in known if p >= shard.partitions]
+        if beyond:
+            # Clients route with DMP_KAFKA_PARTITIONS: with more partitions in the topic they
+            # would send some cookies to the wrong shard, so say it loudly.
+            log.error(
+                "partitions %s exist but DMP_KAFKA_PARTITIONS is %d: shard routing is wrong",
+                beyond,
+                shard.partitions,
+            )
+        return [p for p in known if shard.owns_partition(p)]
+
+    async def _discover_partitions(self) -> None:
+        for partition in await self._partitions():
             keys = PartitionKeys(self.prefix, self.topic, partition)
             if keys.changes not in self.cursors:
                 await self.load_partition(keys)

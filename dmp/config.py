@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from dmp.shards import parse_shard
+
 ENV_PREFIX = "DMP_"
 SECTIONS = ("kafka", "redis", "ingest", "lookup", "partner", "privacy", "security")
 
@@ -61,6 +63,9 @@ class LookupSettings:
     answer_cache_size: int = 100_000
     # How often one replica writes each partition's index to Redis so others start fast (0: never).
     snapshot_interval_seconds: float = 300.0
+    # INDEX/COUNT (e.g. 0/2): hold only the partitions p with p % COUNT == INDEX (dmp/shards.py);
+    # empty: every partition.
+    shard: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,10 @@ class Settings:
         for section in SECTIONS:
             current = getattr(base, section)
             top[section] = _override(current, environ, f"{ENV_PREFIX}{section.upper()}_")
-        return replace(base, **top)
+        settings = replace(base, **top)
+        # A bad shard is refused at start, with the reason, not at the first lookup.
+        parse_shard(settings.lookup.shard, settings.kafka.partitions)
+        return settings
 
 
 def _log_format(raw: str) -> str:

@@ -28,6 +28,7 @@ from dmp.privacy_routes import PRIVACY_FOLLOWER, setup_privacy
 from dmp.redis_client import connect
 from dmp.replica import Replica
 from dmp.rule_versions import RuleVersions, RuleWatcher
+from dmp.shards import MISDIRECTED, SHARD_HEADER, Misdirected, parse_shard
 from segment_rules import CompiledRules
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,11 @@ def create_lookup_app(
     app[RULES] = rules
     app[METRICS] = metrics
     app[METRICS].set_rule_set(rules.version)
-    app[REPLICA] = Replica(rules, cache_size=settings.lookup.answer_cache_size)
+    app[REPLICA] = Replica(
+        rules,
+        cache_size=settings.lookup.answer_cache_size,
+        shard=parse_shard(settings.lookup.shard, settings.kafka.partitions),
+    )
     app.cleanup_ctx.append(_follow_changes)
     app.router.add_get("/v1/users/{uid}/segments", user_segments)
     app.router.add_get("/healthz", healthz)
@@ -166,6 +171,11 @@ def _request_middleware(metrics: LookupMetrics) -> Middleware:
         except web.HTTPException as exc:
             status = exc.status
             return json_error(exc.status, exc.reason)
+        except Misdirected as exc:  # a sharded replica asked about another shard's cookie
+            status = MISDIRECTED
+            response = json_response(exc.doc(), MISDIRECTED)
+            response.headers[SHARD_HEADER] = exc.owner_label
+            return response
         except Exception:
             log.exception("unhandled error on %s", endpoint)
             return json_error(500, "internal error")
@@ -207,12 +217,14 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     follower = request.app[FOLLOWER]
     privacy = request.app[PRIVACY_FOLLOWER]
+    shard = request.app[REPLICA].shard
+    held = {} if shard is None else {"shard": shard.label, "partitions": shard.owned_partitions}
     if not follower.ready.is_set() or not privacy.ready.is_set():
-        return json_response({"status": "loading"}, 503)
+        return json_response({"status": "loading", **held}, 503)
     if not follower.healthy or not privacy.healthy:
         # Still answering from memory, but no longer following Redis.
-        return json_response({"status": "degraded"}, 503)
-    return json_response({"status": "ready"})
+        return json_response({"status": "degraded", **held}, 503)
+    return json_response({"status": "ready", **held})
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

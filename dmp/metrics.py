@@ -295,6 +295,7 @@ class LookupMetrics:
     follow_errors: Counter
     redis_connected: Gauge
     rule_set: Gauge
+    shard: Gauge
 
     @classmethod
     def create(
@@ -381,6 +382,13 @@ class LookupMetrics:
                 "dmp_rule_set_info",
                 "The rule file in force (version = first characters of its sha256).",
                 ["version"],
+                registry=r,
+                multiprocess_mode="livemax",
+            ),
+            shard=Gauge(
+                "dmp_replica_shard_info",
+                "The id shard this replica holds (DMP_LOOKUP_SHARD; all: every partition).",
+                ["shard", "partitions"],
                 registry=r,
                 multiprocess_mode="livemax",
             ),

@@ -16,6 +16,7 @@ import numpy.typing as npt
 from pyroaring import BitMap64
 
 from dmp.ids import LOCAL_BITS, uid_hash
+from dmp.shards import Shard
 from segment_rules import CompiledRules
 from segment_rules.graph import evaluate_composite, refs, topological_order
 
@@ -182,8 +183,12 @@ class _Composites:
 
 
 class Replica:
-    def __init__(self, rules: CompiledRules, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+    def __init__(
+        self, rules: CompiledRules, cache_size: int = DEFAULT_CACHE_SIZE, shard: Shard | None = None
+    ) -> None:
         self.rules = rules
+        # Only this shard's partitions are loaded (dmp/change_follower.py); None: every one.
+        self.shard = shard
         self.ids = IdIndex()
         self.partitions: dict[int, PartitionIndex] = {}
         self._composites = _Composites(rules)
@@ -250,6 +255,8 @@ class Replica:
     def base_segments(self, uid: str) -> list[str]:
         pos = self.position(uid)
         if pos is None:
+            if self.shard is not None:
+                self.shard.check(uid)
             return []
         view = self.partitions.get(pos >> LOCAL_BITS)
         return view.segments_at(pos & LOCAL_MASK) if view is not None else []
@@ -265,6 +272,10 @@ class Replica:
             return hit[1]
         pos = self.position(uid)
         if pos is None:
+            if self.shard is not None:
+                # Checked only for unknown cookies, off the hot path: one held elsewhere must
+                # not look like a cookie in no segment (raises Misdirected).
+                self.shard.check(uid)
             return []
         view = self.partitions.get(pos >> LOCAL_BITS)
         base = view.segments_at(pos & LOCAL_MASK) if view is not None else []
