@@ -16,10 +16,13 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from bidder_adapter.following import following
 from dmp.auth_transport import kafka_security_options
+from dmp.backfill_merge import BackfillOwner
+from dmp.backfill_plan import materialise_paused
 from dmp.config import Settings
 from dmp.dead_letter import DeadLetters, Rejected, reason_class
 from dmp.events import BadEvent, decode_event
@@ -55,7 +58,8 @@ class IngestService:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self.rules = rules
+        # Paused segments are evaluated too, hidden by lookups (docs/decisions/0005-backfill.md).
+        self.rules = materialise_paused(rules)
         self.redis = redis
         self.metrics = metrics
         self.clock = clock
@@ -73,12 +77,13 @@ class IngestService:
         )
         self._rules_polled_at = 0.0
         self.privacy = ingest_privacy(redis, settings, metrics.registry)
+        self.backfill = BackfillOwner(redis, self.privacy)
         metrics.set_rule_set(rules.version)
         metrics.kafka_connected.set(0)
 
     def _swap_rules(self, rules: CompiledRules, number: int) -> None:
         """Between batches: every later batch is evaluated by the new version as a whole."""
-        self.rules = rules
+        self.rules = materialise_paused(rules)
         self.state_ttl = int(self._retention_seconds())
         for store in self.partitions.values():
             store.state_ttl = self.state_ttl
@@ -91,6 +96,20 @@ class IngestService:
                 await self.rule_watcher.poll()
             except RedisError as exc:  # the batch path has its own retries; try again later
                 log.warning("rule version check failed (%s)", exc)
+
+    async def _mark_idle(self) -> None:
+        """Mark idle partitions too, or a backfill would wait for their first event.
+
+        A batch marks its partition itself first (_process_once), so a failure here only
+        delays the mark.
+        """
+        for tp, store in list(self.partitions.items()):
+            if tp in self._reload:
+                continue
+            try:
+                await self.backfill.mark({tp: store}, self.rule_watcher.active_number)
+            except (RedisError, Fenced) as exc:
+                log.warning("%s: rule version mark failed (%s); retried", tp, exc)
 
     def _retention_seconds(self) -> float:
         longest = max((t.keep_for for t in self.rules.traits), default=0.0)
@@ -131,12 +150,14 @@ class IngestService:
             async with following(self.privacy.follower):
                 while not stop.is_set():
                     await self._poll_rules()
+                    await self._mark_idle()
                     batches = await consumer.getmany(
                         timeout_ms=k.poll_timeout_ms, max_records=k.max_batch
                     )
                     for tp, records in batches.items():
                         await self._process(consumer, dead_letters, tp, records)
                     await self._sweep_due(set(batches))
+                    await self._merge_backfills()
                     await self._observe(consumer)
         finally:
             self._consumer = None
@@ -210,6 +231,14 @@ class IngestService:
         if store.next_offset is not None:
             records = [r for r in records if r.offset >= store.next_offset]
         if not records:
+            return
+        try:
+            # Before the first batch under a version: a backfill reads the history before it.
+            await self.backfill.mark({tp: store}, self.rule_watcher.active_number)
+        except Fenced as exc:
+            log.warning("partition %s fenced: %s", tp, exc)
+            self.metrics.fenced.inc()
+            self.partitions.pop(tp, None)
             return
         batch_id = f"{tp.topic}:{tp.partition}:{records[0].offset}-{records[-1].offset}"
         with log_context(batch_id=batch_id):
@@ -291,10 +320,11 @@ class IngestService:
         plan: BatchPlan,
         next_offset: int | None,
         produced_at: float,
+        also: Callable[[Pipeline], None] | None = None,
     ) -> bool:
         t0 = time.perf_counter()
         try:
-            await store.commit(plan, next_offset, produced_at)
+            await store.commit(plan, next_offset, produced_at, also)
         except RedisError:
             self.metrics.redis_connected.set(0)
             raise
@@ -336,6 +366,25 @@ class IngestService:
                 log.warning("%s: due sweep failed (%s)", tp, exc)
                 return
 
+    async def _merge_backfills(self) -> None:
+        """Merge staged backfill history (dmp/backfill_merge.py), a chunk at a time."""
+
+        async def commit(
+            tp: TopicPartition,
+            store: PartitionStore,
+            plan: BatchPlan,
+            also: Callable[[Pipeline], None],
+        ) -> bool:
+            return await self._commit(tp, store, plan, None, self.clock(), also)
+
+        live = {tp: s for tp, s in self.partitions.items() if tp not in self._reload}
+        try:
+            await self.backfill.merge(live, self.rules, self.clock(), commit)
+        except RedisError as exc:  # every store may be stale now: reload before writing
+            self._reload.update(live)
+            self.metrics.redis_connected.set(0)
+            log.warning("backfill merge failed (%s); retried", exc)
+
     async def _observe(self, consumer: AIOKafkaConsumer) -> None:
         """Lag per owned partition, whether fetches still reach the broker, Redis reachable."""
         if time.monotonic() - self._observed_at < OBSERVE_INTERVAL:
@@ -372,6 +421,7 @@ class IngestService:
                 self.redis, keys, state_ttl=self.state_ttl, stream_maxlen=r.change_stream_maxlen
             )
             self.partitions[tp] = store
+            self.backfill.forget(tp)
             try:
                 await store.load()
             except RedisError as exc:
@@ -395,6 +445,7 @@ class IngestService:
             self.partitions.pop(tp, None)
             self._reload.discard(tp)
             self._last_sweep.pop(tp, None)
+            self.backfill.forget(tp)
             self.metrics.forget_partition(tp.partition)
         self.metrics.assigned_partitions.set(len(self.partitions))
 

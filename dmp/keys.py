@@ -53,6 +53,25 @@ class PartitionKeys:
         """Set: cookie ids opted out or erased whose stored data ingest must still remove."""
         return f"{self.tag}:privacy-pending"
 
+    @property
+    def rules_from(self) -> str:
+        """Hash: rule version number -> the first offset this partition applied under it."""
+        return f"{self.tag}:rules-from"
+
+    @property
+    def backfill_stages(self) -> str:
+        """Hash: backfill job -> its manifest (chunks, next chunk to merge, traits it fills)."""
+        return f"{self.tag}:backfill"
+
+    def backfill_chunk(self, job: str, chunk: int) -> str:
+        """JSON list of history events (older than the live-from offset) for one chunk."""
+        return f"{self.tag}:backfill:{job}:{chunk}"
+
+    @property
+    def backfilled(self) -> str:
+        """Hash: backfill job -> a summary, written when its last chunk merged."""
+        return f"{self.tag}:backfilled"
+
     def cookie(self, uid: str) -> str:
         return f"{self.tag}:c:{uid}"
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 from pyroaring import BitMap
+from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
 from dmp.cookie_state import CookieState
@@ -95,10 +96,19 @@ class PartitionStore:
             self._chunks[key] = bitmap
         return bitmap
 
-    async def commit(self, plan: BatchPlan, next_offset: int | None, produced_at: float) -> None:
-        """Write the plan, the new offset and a change-stream entry in one transaction."""
+    async def commit(
+        self,
+        plan: BatchPlan,
+        next_offset: int | None,
+        produced_at: float,
+        also: Callable[[Pipeline], None] | None = None,
+    ) -> None:
+        """Write the plan, the new offset and a change-stream entry in one transaction.
+
+        ``also`` queues more commands into that transaction (a backfill chunk's bookkeeping).
+        """
         try:
-            await self._commit(plan, next_offset, produced_at)
+            await self._commit(plan, next_offset, produced_at, also)
         except BaseException:
             self._chunks.clear()
             self._states.clear()
@@ -109,7 +119,32 @@ class PartitionStore:
         for uid in plan.forgotten:
             self._states.pop(uid, None)
 
-    async def _commit(self, plan: BatchPlan, next_offset: int | None, produced_at: float) -> None:
+    async def mark_rules_from(self, version: int) -> None:
+        """Record, once, the offset from which this partition applies rule ``version``.
+
+        Fenced like a batch: only the owner's position is the truth. A backfill reads the
+        history before this offset; everything from it on was evaluated live by ``version``.
+        """
+        async with self.client.pipeline(transaction=True) as pipe:
+            await pipe.watch(self.keys.offset)
+            stored = await pipe.get(self.keys.offset)
+            if (int(stored) if stored is not None else None) != self.next_offset:
+                raise Fenced(f"{self.keys.tag}: offset moved to {stored!r}")
+            pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves multi() untyped
+            # No offset yet: the partition is consumed from its start, all of it by ``version``.
+            pipe.hsetnx(self.keys.rules_from, str(version), self.next_offset or 0)
+            try:
+                await pipe.execute()
+            except WatchError:
+                raise Fenced(f"{self.keys.tag}: written by another consumer") from None
+
+    async def _commit(
+        self,
+        plan: BatchPlan,
+        next_offset: int | None,
+        produced_at: float,
+        also: Callable[[Pipeline], None] | None,
+    ) -> None:
         dirty = await self._dirty_chunks(plan)
         async with self.client.pipeline(transaction=True) as pipe:
             await pipe.watch(self.keys.offset)
@@ -150,6 +185,8 @@ class PartitionStore:
                 pipe.setrange(self.keys.ids, local * 8, bytes(8))  # the erased id's hash
             if next_offset is not None:
                 pipe.set(self.keys.offset, next_offset)
+            if also is not None:
+                also(pipe)
             if plan.change_count or plan.new_ids:
                 pipe.xadd(
                     self.keys.changes,

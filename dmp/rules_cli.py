@@ -12,6 +12,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from dmp.audience import Audience
+from dmp.backfill import Backfill, Report
+from dmp.backfill_job import BackfillError
 from dmp.config import Settings
 from dmp.redis_client import connect
 from dmp.rule_tests import load_cases, run_case
@@ -49,6 +51,18 @@ def add_rules_commands(rules_sub: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("segment")
     p.add_argument("count", type=int, nargs="?", default=10)
     p.set_defaults(func=_sync(_sample))
+    p = rules_sub.add_parser(
+        "backfill", help="build a paused segment from the history in Kafka, then make it live"
+    )
+    p.add_argument("segment")
+    p.add_argument("--days", type=float, required=True, help="history to read, in days")
+    p.add_argument(
+        "--wait", type=float, default=60.0, help="seconds to wait for ingest to take the version"
+    )
+    p.add_argument(
+        "--merge-timeout", type=float, default=600.0, help="seconds to wait for ingest to merge"
+    )
+    p.set_defaults(func=_backfill)
 
 
 def _sync(
@@ -160,6 +174,47 @@ async def _sample(args: argparse.Namespace, settings: Settings, client: aioredis
     audience = _audience(settings, client, await _live_rules(settings, client))
     for uid in await audience.sample(args.segment, args.count):
         print(uid)
+    return 0
+
+
+def _backfill(args: argparse.Namespace, settings: Settings) -> int:
+    async def main() -> Report:
+        client = connect(settings.redis)
+        try:
+            return await Backfill(settings, client, sys.stderr).run(
+                args.segment, args.days, wait=args.wait, merge_timeout=args.merge_timeout
+            )
+        finally:
+            await client.aclose()
+
+    try:
+        report = asyncio.run(main())
+    except BackfillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # Stages are written whole per partition and merged into a paused segment: nothing
+        # a lookup can see changed.
+        print(
+            f"interrupted: '{args.segment}' stays paused; run the command again to finish",
+            file=sys.stderr,
+        )
+        return 130
+    print(
+        f"{report.job}: read {report.read:,} events in {report.read_seconds:.1f}s "
+        f"({report.read_rate:,.0f}/s), {report.staged:,} feed the segment, "
+        f"{report.rejected:,} malformed skipped, {report.partitions} partitions "
+        f"({report.skipped_partitions} staged before)"
+    )
+    if report.oldest_available is not None:
+        held = (time.time() - report.oldest_available) / 86400
+        if held < args.days:
+            print(
+                f"Kafka holds only {held:.1f} of the {args.days:g} days asked "
+                f"(oldest event {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(report.oldest_available))}Z)"
+            )
+    if report.activated is not None:
+        print(f"version {report.activated.number} is live: '{args.segment}' active")
     return 0
 
 
