@@ -20,16 +20,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
 import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from dmp.auth_transport import kafka_security_options
 from dmp.backfill_job import BackfillError, Job, activate, plan_job
-from dmp.backfill_merge import Manifest, decode_jobs
+from dmp.backfill_merge import Manifest, decode_jobs, trait_mark
 from dmp.backfill_plan import segment_program
 from dmp.config import Settings
 from dmp.events import BadEvent, decode_event
@@ -87,12 +88,12 @@ class Backfill:
         self, segment: str, days: float, *, wait: float = 60.0, merge_timeout: float = 600.0
     ) -> Report:
         job = plan_job(await self.versions.list(), await self.versions.active_number(), segment)
+        tps = await self._partitions()
+        job = await self._without_filled(job, tps)
         for note in job.notes:
             self.say(f"note: {note}")
         if not job.targets:
-            self.say(
-                f"{segment}: every trait was fed live since before version {job.start_version}"
-            )
+            self.say(f"{segment}: no trait of it needs history; activating")
         k = self.settings.kafka
         consumer = AIOKafkaConsumer(
             bootstrap_servers=k.bootstrap,
@@ -105,7 +106,6 @@ class Backfill:
         )
         await consumer.start()
         try:
-            tps = await self._partitions(consumer)
             report = Report(job.name, len(tps))
             live_from = await self._live_from(tps, job, wait)
             todo = await self._unstaged(tps, job)
@@ -118,12 +118,40 @@ class Backfill:
         report.activated = await self._activate(job)
         return report
 
-    async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
-        topic = self.settings.kafka.topic
-        if topic not in await consumer.topics():
-            raise BackfillError(f"Kafka has no topic '{topic}': no history to read")
-        parts = consumer.partitions_for_topic(topic) or set()
-        return [TopicPartition(topic, p) for p in sorted(parts)]
+    async def _partitions(self) -> list[TopicPartition]:
+        k = self.settings.kafka
+        admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap, **kafka_security_options(k))
+        await admin.start()
+        try:
+            described: list[dict[str, Any]] = await admin.describe_topics([k.topic])
+        finally:
+            await admin.close()
+        parts = [p["partition"] for d in described if not d["error_code"] for p in d["partitions"]]
+        if not parts:
+            raise BackfillError(f"Kafka has no topic '{k.topic}': no history to read")
+        return [TopicPartition(k.topic, p) for p in sorted(parts)]
+
+    async def _without_filled(self, job: Job, tps: Sequence[TopicPartition]) -> Job:
+        """Drop targets another segment's backfill already filled (a shared new trait)."""
+        targets, notes = [], list(job.notes)
+        for tid in job.targets:
+            mark = trait_mark(tid, job.start_version)
+            found = [await self.client.hget(self._keys(tp).backfilled, mark) for tp in tps]
+            others = [orjson.loads(m) for m in found if m is not None]
+            others = [o for o in others if o["job"] != job.name]  # ours: a resumed run
+            if not others:
+                targets.append(tid)
+            elif len(others) < len(tps):
+                raise BackfillError(
+                    f"trait {tid} of '{job.segment}' is half backfilled by {others[0]['job']}: "
+                    "run that backfill again to finish it first"
+                )
+            else:
+                notes.append(
+                    f"trait {tid} was backfilled by {others[0]['job']} "
+                    f"({others[0]['days']:g} days): not read again"
+                )
+        return replace(job, targets=tuple(targets), notes=tuple(notes))
 
     async def _live_from(
         self, tps: Sequence[TopicPartition], job: Job, wait: float
@@ -202,7 +230,7 @@ class Backfill:
                 and (report.oldest_available is None or first < report.oldest_available)
             ):
                 report.oldest_available = first
-            await self._stage(tp, job, events)
+            await self._stage(tp, job, events, days)
             report.staged += len(events)
         report.read_seconds = time.perf_counter() - started
         progress.finish()
@@ -265,13 +293,17 @@ class Backfill:
             position = done
         return kept, first
 
-    async def _stage(self, tp: TopicPartition, job: Job, events: list[dict[str, Any]]) -> None:
+    async def _stage(
+        self, tp: TopicPartition, job: Job, events: list[dict[str, Any]], days: float
+    ) -> None:
         """All of one partition's history in one transaction: whole, or not at all."""
         keys = self._keys(tp)
         chunks = [events[i : i + CHUNK_EVENTS] for i in range(0, len(events), CHUNK_EVENTS)]
         if not chunks:
             chunks = [[]]  # an empty stage still tells the owner to mark the job merged
-        manifest = Manifest(job.name, job.segment, len(chunks), 0, list(job.targets), len(events))
+        manifest = Manifest(
+            job.name, job.segment, len(chunks), 0, list(job.targets), len(events), days
+        )
         async with self.client.pipeline(transaction=True) as pipe:
             for n, chunk in enumerate(chunks):
                 pipe.set(keys.backfill_chunk(job.name, n), orjson.dumps(chunk))

@@ -45,6 +45,7 @@ class Manifest:
     next: int
     targets: list[str]
     events: int
+    days: float = 0.0
     merged: int = 0
     error: str = ""
 
@@ -139,6 +140,11 @@ class BackfillOwner:
                 pipe.hdel(keys.backfill_stages, manifest.job)
                 summary = {"events": manifest.events, "merged": manifest.merged, "at": now}
                 pipe.hset(keys.backfilled, manifest.job, orjson.dumps(summary))
+                # Per trait too: another segment's backfill must not replay them again.
+                filled = orjson.dumps({"job": manifest.job, "days": manifest.days})
+                start = manifest.job.rsplit("@", 1)[1]
+                for tid in manifest.targets:
+                    pipe.hset(keys.backfilled, trait_mark(tid, start), filled)
             else:
                 pipe.hset(keys.backfill_stages, manifest.job, manifest.encode())
 
@@ -156,6 +162,11 @@ class BackfillOwner:
 
 def job_name(segment: str, version: int) -> str:
     return f"{segment}@{version}"
+
+
+def trait_mark(trait: str, start_version: int | str) -> str:
+    """Field of ``backfilled``: the trait's history before ``start_version`` is merged."""
+    return f"trait:{trait}@{start_version}"
 
 
 def decode_jobs(raw: Mapping[Any, Any]) -> dict[str, Manifest]:
