@@ -11,19 +11,17 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from dmp.config import SecuritySettings
 
 # Passed to web.AppRunner / TestServer: a line longer than this still gets the parser's 400.
 PARSER_LIMITS = {"max_line_size": 65536, "max_field_size": 65536}
 MAX_BUCKETS = 10_000  # distinct keys remembered; past it the table starts afresh
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def limit_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -76,20 +74,21 @@ def presented_key(request: web.Request) -> str | None:
     return request.headers.get("X-Api-Key") or None
 
 
-def limits_middleware(settings: SecuritySettings) -> Middleware:
+def request_limits(settings: SecuritySettings) -> Callable[[web.Request], web.Response | None]:
+    """The refusal for a request over a limit, or None; run by the lookup's one middleware."""
     limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
     max_headers = settings.max_header_bytes
     max_body = settings.max_body_bytes
+    rate = settings.rate_per_second
 
-    @web.middleware
-    async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def refusal(request: web.Request) -> web.Response | None:
         size = sum(len(k) + len(v) for k, v in request.raw_headers)
         if size > max_headers:
             return limit_error(431, f"request headers over {max_headers} bytes")
         length = request.content_length
         if length is not None and length > max_body:
             return limit_error(413, f"request body over {max_body} bytes")
-        if settings.rate_per_second > 0:
+        if rate > 0:
             key = presented_key(request)
             if key is not None:
                 # Keyed by a digest: the table never holds a presented key itself.
@@ -98,9 +97,9 @@ def limits_middleware(settings: SecuritySettings) -> Middleware:
                 if wait > 0:
                     return limit_error(
                         429,
-                        f"over {settings.rate_per_second:g} requests per second for this key",
+                        f"over {rate:g} requests per second for this key",
                         {"Retry-After": str(max(1, math.ceil(wait)))},
                     )
-        return await handler(request)
+        return None
 
-    return limits
+    return refusal

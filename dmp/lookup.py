@@ -20,7 +20,7 @@ from dmp.auth import lookup_caller
 from dmp.auth_admin_routes import setup_admin_routes
 from dmp.change_follower import ChangeFollower
 from dmp.config import Settings
-from dmp.limits import limits_middleware
+from dmp.limits import request_limits
 from dmp.logs import REQUEST_ID_HEADER, bind, request_id, unbind
 from dmp.metrics import CONTENT_TYPE, DEADLINE_OUTCOME, NO_PARTNER, PARTNER_LABEL, LookupMetrics
 from dmp.privacy_follow import SUPPRESSION
@@ -56,7 +56,7 @@ def create_lookup_app(
 ) -> web.Application:
     metrics = metrics or LookupMetrics.create(multiproc_dir=settings.prometheus_multiproc_dir)
     app = web.Application(
-        middlewares=[_request_middleware(metrics), limits_middleware(settings.security)],
+        middlewares=[_request_middleware(metrics, request_limits(settings.security))],
         client_max_size=settings.security.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -142,15 +142,18 @@ async def _follow_changes(app: web.Application) -> AsyncIterator[None]:
         await client.aclose()
 
 
-def _request_middleware(metrics: LookupMetrics) -> Middleware:
-    """Errors as JSON, request ids in logs and the latency histogram, built per app.
+def _request_middleware(
+    metrics: LookupMetrics, refusal: Callable[[web.Request], web.Response | None]
+) -> Middleware:
+    """Limits, errors as JSON, request ids in logs and the latency histogram, built per app.
 
-    The hot path pays for neither a random-number syscall (ids come from a counter under a
-    random per-process prefix) nor a label lookup (labelled children are kept here).
+    One middleware, not two: each costs a coroutine frame per request at bid time. The hot
+    path pays for neither a random-number syscall (ids come from a counter under a random
+    per-process prefix) nor a label lookup (labelled children are kept here).
     """
     prefix = os.urandom(4).hex()
     counter = itertools.count()
-    children: dict[tuple[str, str, str], Any] = {}
+    children: dict[tuple[str, int, str], Any] = {}
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -164,7 +167,7 @@ def _request_middleware(metrics: LookupMetrics) -> Middleware:
         status = 500
         outcome = None
         try:
-            response = await handler(request)
+            response = refusal(request) or await handler(request)
             status = response.status
             outcome = response.headers.get(OUTCOME_HEADER)
             return response
@@ -183,10 +186,12 @@ def _request_middleware(metrics: LookupMetrics) -> Middleware:
             unbind(token)
             metrics.in_flight.dec()
             partner = request.get(PARTNER_LABEL, NO_PARTNER)
-            key = (endpoint, str(status), partner)
+            key = (endpoint, status, partner)
             child = children.get(key)
             if child is None:
-                child = children[key] = metrics.request_seconds.labels(*key)
+                child = children[key] = metrics.request_seconds.labels(
+                    endpoint, str(status), partner
+                )
             child.observe(time.perf_counter() - started)
             if outcome == DEADLINE_OUTCOME:
                 metrics.deadline_empty.labels(partner).inc()
