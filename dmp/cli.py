@@ -147,7 +147,7 @@ def _rules_validate(args: argparse.Namespace, settings: Settings) -> int:
             continue
         print(f"{file}: ok, {len(ruleset.segments)} segments, version {ruleset.version[:12]}")
         for warning in ruleset.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+            print(warning, file=sys.stderr)
     return 1 if failed else 0
 
 

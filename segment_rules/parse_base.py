@@ -38,7 +38,7 @@ class ParseBase:
         if node is None:
             return default
         if not isinstance(node.value, str):
-            raise self.fail(node.loc, f"expected text, got {node.value!r}")
+            raise self.fail(node.loc, f"expected text, got {node.plain()!r}")
         return node.value
 
     def duration(self, node: YNode) -> float:
@@ -61,7 +61,7 @@ class ParseBase:
     def number(self, node: YNode, what: str, *, positive: bool = False) -> float:
         value = node.value
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(node.loc, f"'{what}' must be a number, got {value!r}")
+            raise self.fail(node.loc, f"'{what}' must be a number, got {node.plain()!r}")
         if positive and value <= 0:
             raise self.fail(node.loc, f"'{what}' must be more than zero, got {value!r}")
         return float(value)
@@ -71,7 +71,7 @@ class ParseBase:
         if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
             raise self.fail(
                 node.loc,
-                f"'{what}' must be a whole number of events from {minimum} to {maximum}, got {value!r}",
+                f"'{what}' must be a whole number of events from {minimum} to {maximum}, got {node.plain()!r}",
             )
         return value
 

@@ -114,7 +114,7 @@ class ConditionParser(PredicateParser):
         if field_kind(path) != "any":
             raise self.fail(
                 field_node.loc,
-                f"'{func}' takes a numeric event field such as attrs.cart_value, got {name!r}",
+                f"'{func}' takes a numeric event field such as attrs.cart_value, got {field_node.plain()!r}",
             )
         at_least = self.number(values["at_least"], "at_least") if "at_least" in values else None
         at_most = self.number(values["at_most"], "at_most") if "at_most" in values else None

@@ -101,7 +101,7 @@ class PredicateParser(ParseBase):
         if op == "under_iab":
             return ""
         if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
-            raise self.fail(node.loc, f"'{op}' takes non-empty text, got {value!r}")
+            raise self.fail(node.loc, f"'{op}' takes non-empty text, got {node.plain()!r}")
         return str(value)
 
     def _range(self, node: YNode) -> tuple[float, float]:
@@ -116,7 +116,7 @@ class PredicateParser(ParseBase):
         value = node.value
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise self.fail(
-                node.loc, f"'under_iab' takes an IAB Audience Taxonomy id, got {value!r}"
+                node.loc, f"'under_iab' takes an IAB Audience Taxonomy id, got {node.plain()!r}"
             )
         if self.taxonomy is None:
             raise self.fail(
@@ -134,10 +134,10 @@ class PredicateParser(ParseBase):
         if kind in ("str", "list"):
             # Codes such as metro 803 are text in events (OpenRTB); accept them unquoted.
             if isinstance(value, bool) or not isinstance(value, str | int):
-                raise self.fail(node.loc, f"expected text, got {value!r}")
+                raise self.fail(node.loc, f"expected text, got {node.plain()!r}")
             return str(value)
         if not isinstance(value, str | int | float | bool):
-            raise self.fail(node.loc, f"expected a single value, got {value!r}")
+            raise self.fail(node.loc, f"expected a single value, got {node.plain()!r}")
         return value
 
 

@@ -178,7 +178,7 @@ class _Parser(ConditionParser):
             return "active"
         if node.value == "paused":
             return "paused"
-        raise self.fail(node.loc, f"status must be 'active' or 'paused', got {node.value!r}")
+        raise self.fail(node.loc, f"status must be 'active' or 'paused', got {node.plain()!r}")
 
     def _iab_ids(self, node: YNode | None) -> tuple[int, ...]:
         if node is None:
@@ -191,7 +191,8 @@ class _Parser(ConditionParser):
         for item in node.value:
             if isinstance(item.value, bool) or not isinstance(item.value, int) or item.value <= 0:
                 raise self.fail(
-                    item.loc, f"IAB Audience Taxonomy ids are positive integers, got {item.value!r}"
+                    item.loc,
+                    f"IAB Audience Taxonomy ids are positive integers, got {item.plain()!r}",
                 )
             if self.taxonomy is not None and item.value not in self.taxonomy:
                 raise self.fail(

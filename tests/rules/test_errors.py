@@ -432,11 +432,6 @@ def test_backtracking_pattern_is_accepted_and_matches_in_linear_time() -> None:
     assert time.perf_counter() - started < 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: segment_rules/parse_base.py:41 and parse_predicates.py:137/140 put "
-    "the parser's YNode repr in the message instead of the YAML value",
-)
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -252,11 +252,6 @@ def test_validate_exit_code_errors_and_warnings(tmp_path: Path) -> None:
     assert f"{odd}:2:5: warning: segment 'a' can never match" in done.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: dmp/cli.py:150 prints f'warning: {warning}' and str(RuleWarning) "
-    "already says 'warning:', so the line does not start with file:line:column",
-)
 def test_validate_prints_warnings_as_file_line_column(tmp_path: Path) -> None:
     odd = tmp_path / "odd.yaml"
     odd.write_text(
