@@ -154,13 +154,22 @@ def _request_middleware(
     prefix = os.urandom(4).hex()
     counter = itertools.count()
     children: dict[tuple[str, int, str], Any] = {}
+    # In one process the in-flight gauge reads a plain counter at scrape time: inc/dec take
+    # the gauge's mutex, about 1 us a request. Worker processes need the shared file values.
+    in_flight = [0]
+    shared_gauge = metrics.multiproc_dir is not None
+    if not shared_gauge:
+        metrics.in_flight.set_function(lambda: in_flight[0])
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
         started = time.perf_counter()
-        metrics.in_flight.inc()
+        if shared_gauge:
+            metrics.in_flight.inc()
+        else:
+            in_flight[0] += 1
         header = request.headers.get(REQUEST_ID_HEADER)
         rid = request_id(header) if header else f"{prefix}-{next(counter)}"
         token = bind(request_id=rid)
@@ -184,7 +193,10 @@ def _request_middleware(
             return json_error(500, "internal error")
         finally:
             unbind(token)
-            metrics.in_flight.dec()
+            if shared_gauge:
+                metrics.in_flight.dec()
+            else:
+                in_flight[0] -= 1
             partner = request.get(PARTNER_LABEL, NO_PARTNER)
             key = (endpoint, status, partner)
             child = children.get(key)
