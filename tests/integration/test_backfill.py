@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import sys
 import time
 from typing import Any
@@ -58,8 +59,8 @@ async def produce_at_event_time(
     await producer.flush()
 
 
-async def dmp_cli(settings: Settings, *args: str) -> tuple[int, str, str]:
-    env = {
+def cli_env(settings: Settings) -> dict[str, str]:
+    return {
         "PATH": "/usr/bin:/bin",
         "DMP_REDIS_URL": settings.redis.url,
         "DMP_KAFKA_BOOTSTRAP": settings.kafka.bootstrap,
@@ -67,12 +68,16 @@ async def dmp_cli(settings: Settings, *args: str) -> tuple[int, str, str]:
         "DMP_REDIS_KEY_PREFIX": settings.redis.key_prefix,
         "DMP_LOG_LEVEL": "WARNING",
     }
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dmp.cli", *args]
+
+
+async def dmp_cli(settings: Settings, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dmp.cli",
-        *args,
-        env=env,
+        *cli_command(*args),
+        env=cli_env(settings),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -225,3 +230,17 @@ async def test_backfill_refusals(settings: Settings, redis_client: aioredis.Redi
     assert code == 1
     assert "ingest has not applied rule version 1 on partitions [0, 1] after 1s" in err
     assert (await versions.active_number()) == 1  # nothing was changed
+
+    # Ctrl-C while it waits: a clean exit that says the segment stays paused.
+    proc = await asyncio.create_subprocess_exec(
+        *cli_command("rules", "backfill", "clickers", "--days", "1", "--wait", "60"),
+        env=cli_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await asyncio.sleep(4)  # started and waiting for ingest
+    proc.send_signal(signal.SIGINT)
+    _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 130, err_bytes.decode()
+    assert "interrupted: 'clickers' stays paused" in err_bytes.decode()
+    assert (await versions.active_number()) == 1
