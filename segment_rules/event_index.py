@@ -14,8 +14,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from segment_rules.canonical import predicate_form
+from segment_rules.event_memo import LIST, MEMO_LIMIT, Group, Matched, bucket_code
 from segment_rules.event_tests import Event, EventTest, compile_predicate, url_parts
-from segment_rules.model import All, FieldTest, Predicate
+from segment_rules.model import All, FieldTest, Not, Predicate
 
 # Hits of one lookup: the tests the anchor decides alone, and (test id, what else must hold).
 # Tests sharing one remaining check are grouped, so the check runs once for all of them.
@@ -257,11 +258,51 @@ def _generate(
     return match
 
 
-class EventIndex:
-    """``match(event)``: the ids of the tests the event passes, each once."""
+def _field_tests(pred: Predicate) -> list[FieldTest]:
+    if isinstance(pred, FieldTest):
+        return [pred]
+    if isinstance(pred, Not):
+        return _field_tests(pred.part)
+    return [t for part in pred.parts for t in _field_tests(part)]
 
-    def __init__(self, tests: Mapping[str, Predicate]) -> None:
-        self._all = [(test_id, compile_predicate(pred)) for test_id, pred in tests.items()]
+
+def _indexed(entries: list[tuple[str, list[Predicate]]]) -> Callable[[Event], list[str]]:
+    bucket = _Bucket()
+    for test_id, conjuncts in entries:
+        bucket.add(test_id, conjuncts)
+    return bucket.compile()
+
+
+def _type_code(
+    entries: list[tuple[str, list[Predicate]]], env: dict[str, Any], name: str, limit: int
+) -> tuple[list[str], list[dict[Any, Matched]]]:
+    """The lines matching one event type: its tests grouped by the fields they read, each
+    group indexed (on a memo miss) and memoised (segment_rules.event_memo)."""
+    by_paths: dict[tuple[tuple[str, ...], ...], list[tuple[str, list[Predicate]]]] = {}
+    always: list[str] = []
+    field_tests: list[FieldTest] = []
+    for test_id, conjuncts in entries:
+        if not conjuncts:
+            always.append(test_id)
+            continue
+        found = [t for c in conjuncts for t in _field_tests(c)]
+        field_tests += found
+        paths = tuple(sorted({t.path for t in found}))
+        by_paths.setdefault(paths, []).append((test_id, conjuncts))
+    groups = [Group(paths, _indexed(group)) for paths, group in by_paths.items()]
+    pad = " " * 12
+    return bucket_code(groups, field_tests, tuple(dict.fromkeys(always)), env, name, pad, limit)
+
+
+class EventIndex:
+    """``match(event)``: the ids of the tests the event passes, each once.
+
+    One generated function: the event's type picks a branch (tests that require another
+    type are never looked at), the branch reads the fields its tests read and answers from
+    memos; an event whose key cannot be hashed takes the indexed matchers directly.
+    """
+
+    def __init__(self, tests: Mapping[str, Predicate], memo_limit: int = MEMO_LIMIT) -> None:
         typed: dict[str, list[tuple[str, list[Predicate]]]] = {}
         untyped: list[tuple[str, list[Predicate]]] = []
         for test_id, pred in tests.items():
@@ -282,22 +323,34 @@ class EventIndex:
             for value in values:
                 if isinstance(value, str):
                     typed.setdefault(value, []).append((test_id, rest))
-        self._buckets: dict[str, Callable[[Event], list[str]]] = {}
-        for type_name, entries in typed.items():
-            bucket = _Bucket()
-            for test_id, conjuncts in entries + untyped:
-                bucket.add(test_id, conjuncts)
-            self._buckets[type_name] = bucket.compile()
-        default = _Bucket()
-        for test_id, conjuncts in untyped:
-            default.add(test_id, conjuncts)
-        self._default = default.compile()
-
-    def match(self, event: Event) -> list[str]:
-        kind = event.get("type")
-        if type(kind) is str:
-            return self._buckets.get(kind, self._default)(event)
-        if kind is None:
-            return self._default(event)
-        # Not an event of format v1 (a list or a number as type): test everything.
-        return [test_id for test_id, check in self._all if check(event)]
+        self.memos: list[dict[Any, Matched]] = []
+        env: dict[str, Any] = {
+            "L": LIST,
+            "SCAN": [(test_id, compile_predicate(pred)) for test_id, pred in tests.items()],
+            "SLOW": {name: _indexed(entries + untyped) for name, entries in typed.items()},
+            "SLOW_DEFAULT": _indexed(untyped),
+        }
+        lines = ["def match(event):", "    kind = event.get('type')", "    try:"]
+        # Types with more tests first: the branch test is one string comparison each.
+        order = sorted(typed, key=lambda k: -len(typed[k]))
+        for n, name in enumerate(order):
+            lines.append(f"        {'if' if n == 0 else 'elif'} kind == {name!r}:")
+            code, memos = _type_code(typed[name] + untyped, env, f"B{n}", memo_limit)
+            lines += code
+            self.memos += memos
+        lines.append(f"        {'elif' if order else 'if'} kind is None or type(kind) is str:")
+        code, memos = _type_code(untyped, env, "D", memo_limit)
+        lines += code
+        self.memos += memos
+        lines += [
+            "    except TypeError:  # a key part that cannot be hashed (a dict): no memo",
+            "        pass",
+            "    if type(kind) is str:",
+            "        return tuple(SLOW.get(kind, SLOW_DEFAULT)(event))",
+            "    if kind is None:",
+            "        return tuple(SLOW_DEFAULT(event))",
+            "    # Not an event of format v1 (a list or a number as type): test everything.",
+            "    return tuple(test_id for test_id, check in SCAN if check(event))",
+        ]
+        exec(compile("\n".join(lines), "<segment_rules.event_index>", "exec"), env)
+        self.match: Callable[[Event], Matched] = env["match"]

@@ -17,6 +17,18 @@ URLS = [
     "https://news.example/auto/",
     "https://badcars.example/models/x",
     "not a url",
+    # Shapes the memo's URL cut must get right (segment_rules.event_memo): the same start
+    # with another tail, a host ended by '?' or '#', no path, a port, user, capitals.
+    "https://www.cars.example/models/b?x=1",
+    "https://www.cars.example/models",
+    "https://www.cars.example/mo",
+    "https://cars.example?q=/models/x",
+    "https://cars.example#/models/",
+    "https://cars.example",
+    "http://www.cars.example/models/a",
+    "http:///models/x/y",
+    "https://u@cars.example:8443/models/a",
+    "HTTPS://CARS.EXAMPLE/models/a",
 ]
 DURATIONS = ["1h", "6h", "1d", "2d", "3d", "7d"]
 STEP = 1800.0  # event times and evaluation times fall on a half-hour grid: exact boundaries
@@ -34,10 +46,17 @@ def small_taxonomy() -> Taxonomy:
 def events(draw: st.DrawFn) -> dict[str, Any]:
     event: dict[str, Any] = {"type": draw(st.sampled_from(TYPES))}
     if draw(st.booleans()):
-        event["categories"] = draw(st.lists(st.sampled_from(CATEGORIES), max_size=3))
+        event["categories"] = draw(
+            st.one_of(
+                st.lists(st.sampled_from(CATEGORIES), max_size=3),
+                st.sampled_from(["auto", 7, ["auto", 7]]),  # not a list of text
+            )
+        )
     if draw(st.booleans()):
         event["url"] = draw(st.sampled_from(URLS))
-    if draw(st.booleans()):
+    if draw(st.integers(0, 9)) == 0:
+        event["geo"] = draw(st.sampled_from(["USA", ["USA"], {"country": {"x": 1}}]))
+    elif draw(st.booleans()):
         event["geo"] = {
             k: draw(st.sampled_from(v))
             for k, v in (
@@ -49,9 +68,13 @@ def events(draw: st.DrawFn) -> dict[str, Any]:
         }
     attrs: dict[str, Any] = {}
     if draw(st.integers(0, 3)):
-        attrs["cart_value"] = draw(st.sampled_from([0, 10, 49.5, 100, 250, 60, "100", True, [5]]))
+        attrs["cart_value"] = draw(
+            st.sampled_from([0, 1, 10, 49.5, 100, 250, 60, "100", True, [5]])
+        )
     if draw(st.booleans()):
-        attrs["plan"] = draw(st.sampled_from(["gold", "silver", ["gold", "bronze"], 1]))
+        attrs["plan"] = draw(
+            st.sampled_from(["gold", "silver", ["gold", "bronze"], 1, 1.0, True, [{"a": 1}]])
+        )
     if draw(st.booleans()):
         attrs["query"] = draw(st.sampled_from(["electric suv", "ev deals", "diesel", ""]))
     if draw(st.booleans()):
@@ -59,6 +82,17 @@ def events(draw: st.DrawFn) -> dict[str, Any]:
     if attrs:
         event["attrs"] = attrs
     return event
+
+
+@st.composite
+def urls(draw: st.DrawFn) -> str:
+    """URLs that share their start but not their tail: what the memo's URL cut must tell
+    apart (segment_rules.event_memo)."""
+    scheme = draw(st.sampled_from(["https://", "http://", "HTTPS://", "//", ""]))
+    host = draw(st.sampled_from(["cars.example", "www.cars.example", "u@cars.example:8443"]))
+    path = draw(st.sampled_from(["", "/", "/m", "/mo", "/models", "/models/", "/models/a/b"]))
+    tail = draw(st.text(alphabet="/?#ab", max_size=3))
+    return scheme + host + path + tail
 
 
 FIELD_TESTS = [
@@ -78,6 +112,8 @@ FIELD_TESTS = [
     {"field": "url", "host_suffix": "cars.example"},
     {"field": "url", "host": "www.cars.example"},
     {"field": "url", "path_prefix": "/models/"},
+    {"field": "url", "path_prefix": "/mo"},
+    {"field": "url", "prefix": "https://www.cars"},
     {"field": "url", "contains": "dealers"},
     {"field": "url", "suffix": "/suv"},
     {"field": "attrs.cart_value", "gte": 100},

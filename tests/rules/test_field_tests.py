@@ -94,7 +94,7 @@ def test_untyped_and_odd_events() -> None:
     rules = CompiledRules(parse_rules(text))
     assert len(rules.matching_traits({"geo": {"region": "CA"}})) == 1  # no type at all
     assert len(rules.matching_traits({"type": ["click"], "url": "http://x.example/"})) == 2
-    assert rules.matching_traits({"type": "search", "url": "x.example/no-scheme"}) == []
+    assert rules.matching_traits({"type": "search", "url": "x.example/no-scheme"}) == ()
     assert len(rules.matching_traits({"type": "search", "url": "//x.example/"})) == 1
 
 

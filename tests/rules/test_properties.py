@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import yaml
@@ -9,15 +10,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from segment_rules import CompiledRules, History, parse_rules
+from segment_rules.event_index import EventIndex
+from segment_rules.event_memo import MEMO_LIMIT
 from segment_rules.interpreter import Interpreter, decayed_score, event_passes
 from segment_rules.model import All, AnyOf, Condition, Not, RuleSet, Score
 from tests.rules.strategies import (
+    BROAD,
     STEP,
     events,
     predicates,
     rule_files,
     small_taxonomy,
     timed_events,
+    urls,
 )
 
 NOW = 1_800_000_000.0
@@ -105,6 +110,67 @@ def test_index_finds_exactly_the_matching_tests(
         assert len(found) == len(set(found))
         expected = {tid for tid, pred in compiled.tests.items() if event_passes(pred, event)}
         assert set(found) == expected, event
+
+
+@PROPERTY
+@given(
+    preds=st.lists(predicates(), min_size=1, max_size=12),
+    pool=st.lists(events(), min_size=1, max_size=6),
+    order=st.lists(st.integers(0, 5), max_size=40),
+    limit=st.sampled_from([1, 2, 3, MEMO_LIMIT]),
+)
+def test_memoised_answers_agree_on_repeating_streams(
+    preds: list[Any], pool: list[dict[str, Any]], order: list[int], limit: int
+) -> None:
+    """Events that repeat (in full or in the fields the tests read) are answered from the
+    memos, which are also evicted (tiny limits): answers stay exact."""
+    doc = {
+        "segments": [
+            {"id": f"s{n}", "rule": {"within": "1d", "where": p}} for n, p in enumerate(preds)
+        ]
+    }
+    tests = CompiledRules(load(doc)).tests
+    index = EventIndex(tests, memo_limit=limit)
+    for n in order:
+        event = copy.deepcopy(pool[n % len(pool)])  # equal values, not the same objects
+        found = index.match(event)
+        assert len(found) == len(set(found))
+        expected = {tid for tid, pred in tests.items() if event_passes(pred, event)}
+        assert set(found) == expected, event
+    assert all(len(memo) <= limit for memo in index.memos)
+
+
+URL_TESTS = [
+    {"field": "url", "host": "cars.example"},
+    {"field": "url", "host_suffix": "cars.example"},
+    {"field": "url", "path_prefix": "/mo"},
+    {"field": "url", "path_prefix": "/models/"},
+    {"field": "url", "prefix": "https://www.cars"},
+    {"field": "url", "exists": True},
+]
+
+
+@PROPERTY
+@given(
+    preds=st.lists(st.sampled_from(URL_TESTS), min_size=1, max_size=4),
+    pool=st.lists(urls(), min_size=1, max_size=8),
+    order=st.lists(st.integers(0, 7), max_size=40),
+)
+def test_memoised_url_cut_keeps_what_url_tests_read(
+    preds: list[Any], pool: list[str], order: list[int]
+) -> None:
+    doc = {
+        "segments": [
+            {"id": f"s{n}", "rule": {"within": "1d", "where": {"all": [BROAD[0], p]}}}
+            for n, p in enumerate(preds)
+        ]
+    }
+    tests = CompiledRules(load(doc)).tests
+    index = EventIndex(tests)
+    for n in order:
+        event = {"type": "page_view", "url": pool[n % len(pool)]}
+        expected = {tid for tid, pred in tests.items() if event_passes(pred, event)}
+        assert set(index.match(event)) == expected, event
 
 
 @PROPERTY
