@@ -40,6 +40,8 @@ from segment_rules.model import (
 
 # trait id -> its state (see the module docstring); JSON-serialisable, stored per cookie.
 History = dict[str, list[Any]]
+# Whether a condition holds for a history at a time; appends the times it may change at.
+_Holds = Callable[[History, float, list[float]], bool]
 
 TIMES, VALUES, FIRST, DECAY, DONE = "times", "values", "first", "decay", "done"
 MAX_VALUES = 256  # [time, value] pairs kept per sum/average trait: a cookie past it is a bot
@@ -123,6 +125,11 @@ class CompiledRules:
         self._index = EventIndex(self._tests)
         self.matching_traits = self._index.match
         self._active_base = tuple(s for s in ruleset.base_segments if s.status == "active")
+        checks: list[tuple[str, _Holds, _Holds | None]] = []
+        for seg in self._active_base:
+            assert seg.rule is not None
+            checks.append((seg.id, self._check(seg.rule), self._ttl_check(seg)))
+        self._checks = tuple(checks)
         self._by_trait: dict[str, list[int]] = {}
         for n, seg in enumerate(self._active_base):
             for tid in self._segment_traits[seg.id]:
@@ -242,8 +249,10 @@ class CompiledRules:
                         stamps.append(ts)
                     else:
                         bisect.insort(stamps, ts)
-                    if len(stamps) > trait.keep or stamps[0] <= now - trait.keep_for:
+                    if stamps[0] <= now - trait.keep_for:
                         _cut_times(stamps, trait, now)
+                    elif len(stamps) > trait.keep:  # none expired: drop the oldest past keep
+                        del stamps[: len(stamps) - trait.keep]
                 elif kind == VALUES:
                     if event is None:
                         raise ValueError("record() needs the event: a sum/average reads it")
@@ -276,6 +285,9 @@ class CompiledRules:
                 continue
             state = history[tid]
             if trait.kind == TIMES:
+                # Most states have nothing to drop: tell without a bisect.
+                if state and len(state) <= trait.keep and state[0] > now - trait.keep_for:
+                    continue
                 _cut_times(state, trait, now)
             elif trait.kind == VALUES:
                 _cut(state, trait, now)
@@ -288,77 +300,123 @@ class CompiledRules:
     def evaluate(self, history: History, now: float) -> Evaluation:
         """Memberships at ``now`` and the earliest time they can change with no new event."""
         candidates: set[int] = set()
+        by_trait = self._by_trait
         for tid in history:
-            candidates.update(self._by_trait.get(tid, ()))
+            found = by_trait.get(tid)
+            if found is not None:
+                candidates.update(found)
         members: set[str] = set()
         changes: list[float] = []
+        checks = self._checks
         # A rule never holds without its state (rules that would are refused at load time).
         for n in sorted(candidates):
-            seg = self._active_base[n]
-            assert seg.rule is not None
-            if self._holds(seg.rule, history, now, changes) and self._within_ttl(
-                seg, history, now, changes
+            seg_id, holds, within_ttl = checks[n]
+            if holds(history, now, changes) and (
+                within_ttl is None or within_ttl(history, now, changes)
             ):
-                members.add(seg.id)
+                members.add(seg_id)
         return Evaluation(frozenset(members), min(changes) if changes else None)
 
-    def _holds(self, cond: Condition, history: History, now: float, changes: list[float]) -> bool:
+    def _check(self, cond: Condition) -> _Holds:
+        """``cond`` as a closure over (history, now, change times): evaluate() runs one per
+        candidate segment per touched cookie, and walking the condition tree with
+        isinstance tests was most of a batch's cost with 1,000 segments."""
         if isinstance(cond, Not):
-            return not self._holds(cond.part, history, now, changes)
-        if isinstance(cond, All):
-            results = [self._holds(p, history, now, changes) for p in cond.parts]
-            return all(results)
-        if not isinstance(
+            inner = self._check(cond.part)
+            return lambda h, now, ch: not inner(h, now, ch)
+        if isinstance(cond, All) or not isinstance(
             cond, CountWithin | NotSeenWithin | FirstSeenWithin | Aggregate | SequenceRule | Score
         ):
-            results = [self._holds(p, history, now, changes) for p in cond.parts]
-            return any(results)
-        ids = self._leaf_ids[id(cond)]
-        if isinstance(cond, CountWithin):
-            n = _count_within(history.get(ids[0], ()), now, cond.within, changes)
-            return cond.at_least <= n and (cond.at_most is None or n <= cond.at_most)
-        if isinstance(cond, NotSeenWithin):
-            return _lapsed(history.get(ids[0]), cond, now, changes)
-        if isinstance(cond, FirstSeenWithin):
-            state = history.get(ids[0])
-            if not state or state[1] <= now - cond.memory:
-                return False
-            if state[0] > now - cond.within:
-                changes.append(state[0] + cond.within)
-                return True
-            return False
-        if isinstance(cond, Aggregate):
-            return _aggregate(history.get(ids[0], ()), cond, now, changes)
-        if isinstance(cond, SequenceRule):
-            state = history.get(ids[-1])
-            if state and state[0] > now - cond.within:
-                changes.append(state[0] + cond.within)
-                return True
-            return False
-        if cond.within is not None:
-            total = 0.0
-            for entry, tid in zip(cond.entries, ids, strict=True):
-                total += entry.points * _count_within(
-                    history.get(tid, ()), now, cond.within, changes
-                )
-            return total >= cond.at_least
-        return _decayed_holds(history.get(ids[0]), cond, now, changes)
+            parts = tuple(self._check(p) for p in cond.parts)
+            every = isinstance(cond, All)
 
-    def _within_ttl(self, seg: Segment, history: History, now: float, changes: list[float]) -> bool:
+            def combined(h: History, now: float, ch: list[float]) -> bool:
+                # Every part runs, whatever the first ones said: each adds its change times.
+                results = [p(h, now, ch) for p in parts]
+                return all(results) if every else any(results)
+
+            return combined
+        return self._leaf_check(cond)
+
+    def _leaf_check(self, cond: Leaf) -> _Holds:
+        ids = self._leaf_ids[id(cond)]
+        tid = ids[0]
+        if isinstance(cond, CountWithin):
+            at_least, at_most, within = cond.at_least, cond.at_most, cond.within
+
+            def count(h: History, now: float, ch: list[float]) -> bool:
+                stamps = h.get(tid)
+                if not stamps:
+                    return at_least <= 0
+                # _count_within inlined: the commonest leaf, run per candidate segment.
+                start = bisect.bisect_right(stamps, now - within)
+                n = len(stamps) - start
+                if n:
+                    ch.append(stamps[start] + within)
+                return at_least <= n and (at_most is None or n <= at_most)
+
+            return count
+        if isinstance(cond, NotSeenWithin):
+            lapsed = cond
+            return lambda h, now, ch: _lapsed(h.get(tid), lapsed, now, ch)
+        if isinstance(cond, FirstSeenWithin):
+            first = cond
+
+            def first_seen(h: History, now: float, ch: list[float]) -> bool:
+                state = h.get(tid)
+                if not state or state[1] <= now - first.memory:
+                    return False
+                if state[0] > now - first.within:
+                    ch.append(state[0] + first.within)
+                    return True
+                return False
+
+            return first_seen
+        if isinstance(cond, Aggregate):
+            aggregate = cond
+            return lambda h, now, ch: _aggregate(h.get(tid, ()), aggregate, now, ch)
+        if isinstance(cond, SequenceRule):
+            done, span = ids[-1], cond.within
+
+            def sequence(h: History, now: float, ch: list[float]) -> bool:
+                state = h.get(done)
+                if state and state[0] > now - span:
+                    ch.append(state[0] + span)
+                    return True
+                return False
+
+            return sequence
+        score = cond
+        if score.within is not None:
+            window = score.within
+            entries = tuple(zip((e.points for e in score.entries), ids, strict=True))
+
+            def windowed(h: History, now: float, ch: list[float]) -> bool:
+                total = 0.0
+                for points, t in entries:
+                    total += points * _count_within(h.get(t, ()), now, window, ch)
+                return total >= score.at_least
+
+            return windowed
+        return lambda h, now, ch: _decayed_holds(h.get(tid), score, now, ch)
+
+    def _ttl_check(self, seg: Segment) -> _Holds | None:
         if seg.ttl is None:
+            return None
+        ttl = seg.ttl
+        traits = tuple((t, self._traits[t].kind) for t in self._segment_traits[seg.id])
+
+        def within_ttl(h: History, now: float, ch: list[float]) -> bool:
+            newest = max(
+                (_last_time(kind, h[t]) for t, kind in traits if h.get(t)),
+                default=None,
+            )
+            if newest is None or newest + ttl <= now:
+                return False
+            ch.append(newest + ttl)
             return True
-        newest = max(
-            (
-                _last_time(self._traits[t].kind, history[t])
-                for t in self._segment_traits[seg.id]
-                if history.get(t)
-            ),
-            default=None,
-        )
-        if newest is None or newest + seg.ttl <= now:
-            return False
-        changes.append(newest + seg.ttl)
-        return True
+
+        return within_ttl
 
     def with_composites(self, base_members: Iterable[str]) -> list[str]:
         """Base memberships plus every active composite they satisfy, in file order."""
