@@ -12,6 +12,7 @@ partner's view. Memory is the price: the whole replica lives in each bidder proc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
@@ -31,9 +32,33 @@ from dmp.match_table_follower import MatchTableFollower, MatchTableMetrics
 from dmp.metrics import LookupMetrics
 from dmp.privacy_follow import SuppressedSegments, SuppressionFollower, SuppressionList
 from dmp.replica import Replica
+from dmp.rule_versions import RuleVersions, RuleWatcher
 from segment_rules import CompiledRules
 
 log = logging.getLogger(__name__)
+RULES_POLL_SECONDS = 1.0
+
+
+class RulesFollower:
+    """Keeps the replica on the applied rule version, as the lookup service does: a segment a
+    version pauses is hidden here too, though the bidder started from a file where it is live."""
+
+    def __init__(self, watcher: RuleWatcher) -> None:
+        self.watcher = watcher
+        self.ready = asyncio.Event()
+
+    async def load_snapshot(self) -> None:
+        await self.watcher.poll()
+        self.ready.set()
+
+    async def follow(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=RULES_POLL_SECONDS)
+            try:
+                await self.watcher.poll()
+            except Exception as exc:  # keep answering under the version in force
+                log.warning("rule version check failed (%s)", exc)
 
 
 class EmbeddedDmp:
@@ -62,6 +87,7 @@ class EmbeddedDmp:
         self.change_follower: ChangeFollower | None = None
         self.match_follower: MatchTableFollower | None = None
         self.suppression_follower: SuppressionFollower | None = None
+        self.rules_follower: RulesFollower | None = None
 
     async def __aenter__(self) -> EmbeddedDmp:
         s = self.settings
@@ -69,6 +95,13 @@ class EmbeddedDmp:
         client = aioredis.Redis.from_url(s.redis.url)
         stack.push_async_callback(client.aclose)
         try:
+            self.rules_follower = RulesFollower(
+                RuleWatcher(
+                    RuleVersions(client, s.redis.key_prefix),
+                    self.replica.rules,
+                    lambda rules, _: self.replica.set_rules(rules),
+                )
+            )
             self.change_follower = ChangeFollower(
                 client,
                 self.replica,
@@ -91,7 +124,12 @@ class EmbeddedDmp:
                 block_ms=s.lookup.follow_block_ms,
             )
             await stack.enter_async_context(
-                following(self.change_follower, self.match_follower, self.suppression_follower)
+                following(
+                    self.rules_follower,
+                    self.change_follower,
+                    self.match_follower,
+                    self.suppression_follower,
+                )
             )
         except BaseException:
             await stack.aclose()
@@ -119,7 +157,12 @@ class EmbeddedDmp:
     async def wait_ready(self) -> None:
         """Wait for both snapshots to load (answers before that are empty, not wrong);
         bound it with `asyncio.timeout`."""
-        for follower in (self.change_follower, self.match_follower, self.suppression_follower):
+        for follower in (
+            self.rules_follower,
+            self.change_follower,
+            self.match_follower,
+            self.suppression_follower,
+        ):
             if follower is None:
                 raise RuntimeError("use EmbeddedDmp as an async context manager first")
             await follower.ready.wait()

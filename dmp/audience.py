@@ -2,6 +2,11 @@
 
 Composite segments are computed by bitmap algebra over their parts, partition by partition
 (positions of different partitions never meet, so the partition results simply add up).
+
+Paused segments (built for a backfill, docs/decisions/0005-backfill.md): asked for by name,
+a paused segment answers what it holds so far, so ad ops can follow a backfill; callers show
+`status()` beside the figure. Inside a composite a paused part counts as empty, as lookups
+treat it, so an active composite's figures are the audience partners really get.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dmp.cookie_state import CookieState
 from dmp.keys import PartitionKeys, partitions_key
 from dmp.redis_types import as_bytes, as_str
 from segment_rules import CompiledRules
+from segment_rules.graph import evaluate_composite
 from segment_rules.model import All, AnyOf, Composite, Not, SegmentRef
 
 SCAN_COUNT = 1000
@@ -47,6 +53,14 @@ class Audience:
         self.topic = topic
         self.rules = rules
         self._segments = {s.id: s for s in rules.ruleset.segments}
+        self._active_base = frozenset(
+            s.id for s in rules.ruleset.base_segments if s.status == "active"
+        )
+
+    def status(self, segment_id: str) -> str:
+        """'active' or 'paused': a paused segment's figures are not what lookups answer."""
+        self._check(segment_id)
+        return self._segments[segment_id].status
 
     def _check(self, segment_id: str) -> None:
         if segment_id not in self._segments:
@@ -77,6 +91,8 @@ class Audience:
 
     async def _evaluate(self, expr: Composite, keys: PartitionKeys) -> BitMap:
         if isinstance(expr, SegmentRef):
+            if self._segments[expr.segment_id].status != "active":
+                return BitMap()  # lookups hold nobody in a paused part
             return await self.members(expr.segment_id, keys)
         if isinstance(expr, Not):
             universe = BitMap(range(int(await self.client.get(keys.next_local) or 0)))
@@ -110,6 +126,7 @@ class Audience:
     async def sample(self, segment_id: str, count: int) -> list[str]:
         """A few member cookie ids (read from cookie states, which hold the ids)."""
         self._check(segment_id)
+        seg = self._segments[segment_id]
         found: list[str] = []
         for keys in await self.partitions():
             cursor = 0
@@ -122,10 +139,18 @@ class Audience:
                         if raw is None:
                             continue
                         state = CookieState.decode(as_bytes(raw))
-                        if segment_id in self.rules.with_composites(state.members):
+                        if self._holds(seg.id, seg.of, state.members):
                             found.append(as_str(key)[len(prefix) :])
                             if len(found) == count:
                                 return found
                 if cursor == 0:
                     break
         return found
+
+    def _holds(self, segment_id: str, of: Composite | None, members: frozenset[str]) -> bool:
+        """`members` (stored, paused ones too) holds the segment, by the rules of `members()`."""
+        if of is None:
+            return segment_id in members
+        # with_composites would read a paused part as held; lookups read it as not held.
+        live = set(self.rules.with_composites(members & self._active_base))
+        return segment_id in live or evaluate_composite(of, live)

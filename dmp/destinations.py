@@ -11,6 +11,12 @@ restart finds a pending batch and sends the same bytes under the same number aga
 reading anything new, so nothing is skipped; receivers dedupe on the batch number
 (`Idempotency-Key`; the file sink's name), which is how a send whose answer was lost in a
 crash is not applied twice.
+
+Only active segments are exported. Ingest also materialises paused ones (built for a
+backfill, docs/decisions/0005-backfill.md) and their changes are in the same streams; they
+are dropped here, and composites are derived from active parts only, as lookups do. The
+exporter follows the applied rule version (`set_rules`, between batches): a segment is
+exported from the batch after it goes live, by its changes from then on.
 """
 
 from __future__ import annotations
@@ -155,6 +161,29 @@ class _UserOps:
         return added, removed
 
 
+def visible_segments(rules: CompiledRules) -> frozenset[str]:
+    """Base segments a partner may be sent: the active ones (paused ones are hidden)."""
+    return frozenset(s.id for s in rules.ruleset.base_segments if s.status == "active")
+
+
+@dataclass(frozen=True)
+class _RulesView:
+    """What one batch is built under, swapped whole so a batch never mixes two versions."""
+
+    rules: CompiledRules
+    visible: frozenset[str]
+    # Composite grants and many-to-one mappings need the user's whole membership to know
+    # whether the partner's segment really changed; plain ones follow the ops exactly.
+    whole_membership: bool
+
+    @classmethod
+    def of(cls, rules: CompiledRules, profile: PartnerProfile) -> _RulesView:
+        composites = {s.id for s in rules.ruleset.composite_segments}
+        mapped = [profile.segment_id_map.get(s, s) for s in profile.granted_segments]
+        whole = bool(profile.granted_segments & composites) or len(set(mapped)) < len(mapped)
+        return cls(rules, visible_segments(rules), whole)
+
+
 class Exporter:
     def __init__(
         self,
@@ -174,7 +203,6 @@ class Exporter:
         self.client = client
         self.profile = profile
         self.config = profile.destination
-        self.rules = rules
         self.sink = sink
         self.metrics = metrics
         self.prefix = prefix
@@ -182,13 +210,11 @@ class Exporter:
         self.clock = clock
         self.keys = DestinationKeys(prefix, state_prefix, profile.partner_id)
         self.label = profile.partner_id
-        composites = {s.id for s in rules.ruleset.composite_segments}
-        mapped = [profile.segment_id_map.get(s, s) for s in profile.granted_segments]
-        # Composite grants and many-to-one mappings need the user's whole membership to know
-        # whether the partner's segment really changed; plain ones follow the ops exactly.
-        self.whole_membership = bool(profile.granted_segments & composites) or len(
-            set(mapped)
-        ) < len(mapped)
+        self._view = _RulesView.of(rules, profile)
+
+    def set_rules(self, rules: CompiledRules) -> None:
+        """Export under a new rule version from the next batch on (one assignment)."""
+        self._view = _RulesView.of(rules, self.profile)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Export until `stop`: drain what is there in batches, then wait the interval."""
@@ -222,6 +248,7 @@ class Exporter:
 
     async def next_batch(self) -> Batch | None:
         """The next batch (maybe without users), or None when no entry is left to read."""
+        view = self._view
         stored: Any = await self.client.hgetall(self.keys.cursor)
         cursors = {as_str(k): as_str(v) for k, v in stored.items() if as_str(k) != SEQ_FIELD}
         seq = int(stored.get(SEQ_FIELD.encode(), 0))
@@ -254,7 +281,7 @@ class Exporter:
             return None
         if unnamed:
             self.metrics.skipped.labels(self.label, "unnamed").inc(unnamed)
-        lines = await self._lines(users)
+        lines = await self._lines(users, view)
         return Batch(
             seq=seq + 1 if lines else seq,
             body=b"".join(orjson.dumps(line) + b"\n" for line in lines),
@@ -278,21 +305,28 @@ class Exporter:
                 deleted,
             )
 
-    async def _lines(self, users: Mapping[str, _UserOps]) -> list[dict[str, object]]:
+    async def _lines(
+        self, users: Mapping[str, _UserOps], view: _RulesView
+    ) -> list[dict[str, object]]:
         profile = self.profile
+        rules, visible = view.rules, view.visible
         uids = sorted(users)
         current: dict[str, frozenset[str]] = {}
-        if self.whole_membership and uids:
+        if view.whole_membership and uids:
             current = await self._members(uids, users)
         changes: list[tuple[str, list[str], list[str]]] = []
         # Opted-out and erased cookies: their removals go out, never an add (dmp/privacy.py).
         blocked = await PrivacyStore(self.client, self.prefix, self.topic).suppressed_among(uids)
         for uid in uids:
             added, removed = users[uid].net()
-            if self.whole_membership:
-                now = current.get(uid, frozenset())
-                before = profile.mapped(self.rules.with_composites((now - added) | removed))
-                after = profile.mapped(self.rules.with_composites(now))
+            added &= visible
+            removed &= visible
+            if view.whole_membership:
+                # Paused parts are left out before composites are derived: a composite
+                # over a paused segment reads it as not held, like a lookup (AnswerPlan).
+                now = current.get(uid, frozenset()) & visible
+                before = profile.mapped(rules.with_composites((now - added) | removed))
+                after = profile.mapped(rules.with_composites(now))
                 adds, removes = sorted(after - before), sorted(before - after)
             else:
                 adds = sorted(profile.mapped(added))

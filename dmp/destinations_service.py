@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
 
 from bidder_adapter.partner_metrics import PartnerMetrics
 from bidder_adapter.partner_registry import PartnerRegistry
@@ -19,6 +20,7 @@ from bidder_adapter.profiles import PartnerProfile
 from dmp.config import Settings
 from dmp.destinations import DestinationMetrics, Exporter
 from dmp.destinations_sinks import make_sink
+from dmp.rule_versions import RuleVersions, RuleWatcher
 from segment_rules import CompiledRules
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,17 @@ class DestinationService:
         self.metrics = metrics
         self.session = session
         self.running: dict[str, _Running] = {}
+        self.exporters: dict[str, Exporter] = {}  # partner -> its exporter while it runs
+        # The applied rule version wins over the file: a segment paused by a version must
+        # stay hidden from partners, and goes out once a version makes it active.
+        self.watcher = RuleWatcher(
+            RuleVersions(client, settings.redis.key_prefix), rules, self.set_rules
+        )
+
+    def set_rules(self, rules: CompiledRules, number: int | None = None) -> None:
+        self.rules = rules
+        for exporter in self.exporters.values():
+            exporter.set_rules(rules)
 
     def exporter_for(self, profile: PartnerProfile) -> Exporter:
         assert profile.destination is not None
@@ -68,6 +81,7 @@ class DestinationService:
         """Keep one exporter per destination in the partner file in force, until `stop`."""
         try:
             while not stop.is_set():
+                await self._poll_rules()
                 await self._reconcile()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
@@ -76,6 +90,12 @@ class DestinationService:
                 self.partners.poll()
         finally:
             await self._stop_all(list(self.running))
+
+    async def _poll_rules(self) -> None:
+        try:
+            await self.watcher.poll()
+        except RedisError as exc:  # keep exporting under the version in force; retry later
+            log.warning("rule version check failed (%s)", exc)
 
     async def _reconcile(self) -> None:
         wanted = {
@@ -94,8 +114,9 @@ class DestinationService:
         """Run the exporter; if it fails (Redis gone...), start it again after a backoff."""
         backoff = 0.5
         while not stop.is_set():
+            exporter = self.exporters[profile.partner_id] = self.exporter_for(profile)
             try:
-                await self.exporter_for(profile).run(stop)
+                await exporter.run(stop)
                 return
             except Exception:
                 log.exception(
@@ -104,6 +125,9 @@ class DestinationService:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=backoff)
                 backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+            finally:
+                if self.exporters.get(profile.partner_id) is exporter:
+                    del self.exporters[profile.partner_id]
 
     async def _stop_all(self, partner_ids: list[str]) -> None:
         stopping = [self.running.pop(pid) for pid in partner_ids]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,12 +150,22 @@ class PrivacyStore:
             if raw is None:
                 continue
             state = CookieState.decode(as_bytes(raw))
-            segments = rules.with_composites(state.members) if rules else sorted(state.members)
+            segments: Iterable[str] = state.members
+            paused: list[str] = []
+            if rules is not None:
+                # Paused segments are stored (built for a backfill) but in force for no one:
+                # listed apart, so the report is complete and never shows them as live.
+                status = {s.id: s.status for s in rules.ruleset.base_segments}
+                paused = sorted(m for m in state.members if status.get(m) == "paused")
+                segments = rules.with_composites(
+                    m for m in state.members if status.get(m) == "active"
+                )
             found.append(
                 {
                     "partition": keys.partition,
                     "position": position(keys.partition, state.local),
                     "segments": sorted(segments),
+                    "paused_segments": paused,
                     "counters": {trait: _count(v) for trait, v in sorted(state.history.items())},
                 }
             )

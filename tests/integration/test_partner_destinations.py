@@ -30,8 +30,10 @@ from dmp.destinations import DestinationKeys, DestinationMetrics, Exporter
 from dmp.destinations_service import DestinationService
 from dmp.destinations_sinks import FileSink, HttpSink
 from dmp.match_table import MatchTableStore
+from dmp.rule_versions import RuleVersions
 from segment_rules import CompiledRules
 from tests.bidder_adapter.partner_yaml import partner_yaml, write_partners
+from tests.conftest import EXAMPLE_RULES
 from tests.integration.conftest import StartIngest, wait_until
 from tests.integration.helpers import new_car_view, produce
 
@@ -39,9 +41,9 @@ DAY = 86400.0
 INTENT, GEO = "g-intent", "g-geo"
 
 
-def gamma_yaml(destination: str) -> str:
+def gamma_yaml(destination: str, base: str | None = None) -> str:
     """A third partner granted two base segments, plainly mapped, with a destination."""
-    return partner_yaml() + (
+    return (partner_yaml() if base is None else base) + (
         "  - partner_id: gamma-dsp\n"
         "    kind: dsp\n"
         f"    api_key_sha256: {hash_api_key('gamma-key-0004')}\n"
@@ -369,6 +371,102 @@ async def test_service_follows_the_partner_file(
         finally:
             stop.set()
             await asyncio.wait_for(task, 10)
+
+
+async def test_a_paused_segment_reaches_no_partner_until_a_version_makes_it_active(
+    settings: Settings,
+    rules: CompiledRules,
+    start_ingest: StartIngest,
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+    receiver: tuple[Receiver, str],
+    tmp_path: Path,
+) -> None:
+    """geo_socal paused by the applied version (the file has it active): ingest builds its
+    bitmaps (decision 0005), but neither gamma (granted it plainly) nor acme (granted the
+    composite intent AND geo) is sent it; once a version activates it, later changes go out."""
+    rec, url = receiver
+    out = tmp_path / "exports"
+    text = EXAMPLE_RULES.read_text()
+    paused = text.replace("  - id: geo_socal\n", "  - id: geo_socal\n    status: paused\n", 1)
+    assert paused != text
+    versions = RuleVersions(redis_client, settings.redis.key_prefix)
+    await versions.apply(paused, "geo paused")
+    path = write_partners(
+        tmp_path / "partners.yaml",
+        gamma_yaml(
+            f"{{kind: file, path: '{out}', interval_seconds: 0.05}}",
+            base=partner_yaml(
+                destination=f"    destination: {{kind: http, url: '{url}', interval_seconds: 0.05}}\n"
+            ),
+        ),
+    )
+    s = replace(
+        settings,
+        partners_path=path,
+        partner=replace(settings.partner, reload_poll_seconds=0.05),
+    )
+    partners = PartnerRegistry(path, PartnerMetrics.create(CollectorRegistry()))
+    partners.load()
+    await start_ingest()
+    await produce_users(producer, settings.kafka.topic, stay=6, expire=0)
+
+    def gamma_state() -> dict[str, set[str]]:
+        result: dict[str, set[str]] = {}
+        for p in sorted(out.glob("*.jsonl")):
+            for line in map(orjson.loads, p.read_bytes().splitlines()):
+                have = result.setdefault(str(line["user_id"]), set())
+                have |= set(line["add"])
+                have -= set(line["remove"])
+        return result
+
+    def sent() -> set[str]:
+        """Every partner segment id gamma or acme was ever sent, added or removed."""
+        bodies = [p.read_bytes() for p in out.glob("*.jsonl")] + list(rec.bodies.values())
+        return {
+            seg
+            for body in bodies
+            for line in map(orjson.loads, body.splitlines())
+            for seg in line["add"] + line["remove"]
+        }
+
+    async with aiohttp.ClientSession() as session:
+        service = DestinationService(
+            s, rules, redis_client, partners, DestinationMetrics.create(), session
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        try:
+            intent_only = {f"stay-{i}": {INTENT} for i in range(6)}
+            await wait_until(lambda: gamma_state() == intent_only, 30, "gamma's intent adds")
+            acme = {f"stay-{i}": {"acme-new-vehicles"} for i in range(6)}
+            await wait_until(lambda: rec.state == acme, 30, "acme's intent adds")
+            # The geo bitmaps are there: only the exporter keeps them from the partners.
+            keys = [k async for k in redis_client.scan_iter(match="*:bm:geo_socal:*")]
+            assert [k for k in keys if k.decode().startswith(settings.redis.key_prefix)]
+            await asyncio.sleep(0.5)  # nothing more may arrive
+            assert sent() == {INTENT, "acme-new-vehicles"}
+
+            await versions.apply(text, "geo active")
+            await asyncio.sleep(0.5)  # the service polls versions every 0.05 s
+            events = []
+            for i in range(3):
+                events += [new_car_view(f"late-{i}", 1), new_car_view(f"late-{i}", 0)]
+            await produce(producer, settings.kafka.topic, events)
+            late = {f"late-{i}": {INTENT, GEO} for i in range(3)}
+            await wait_until(
+                lambda: late.items() <= gamma_state().items(), 30, "gamma's adds once live"
+            )
+            both = {"acme-new-vehicles", "acme-socal-dealers"}
+            await wait_until(
+                lambda: all(rec.state.get(f"late-{i}") == both for i in range(3)),
+                30,
+                "acme's composite once its parts are live",
+            )
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+    assert rec.violations == []
 
 
 def _command_env(settings: Settings, partners: Path) -> dict[str, str]:

@@ -15,9 +15,11 @@ from bidder_adapter.embedded import EmbeddedDmp
 from bidder_adapter.partner_file import parse_partner_bytes
 from dmp.config import Settings
 from dmp.match_table import MatchTableStore
+from dmp.rule_versions import RuleVersions
 from segment_rules import CompiledRules
 from tests.bidder_adapter.partner_yaml import ACME_KEY, partner_yaml
 from tests.bidder_adapter.stack import bearer, ready_partner_app, with_partners
+from tests.conftest import EXAMPLE_RULES
 from tests.integration.conftest import StartIngest, wait_until
 from tests.integration.helpers import new_car_view, produce
 
@@ -75,3 +77,33 @@ async def test_embedded_replica_answers_in_process_like_the_endpoint(
             "/v1/openrtb/enrich?mode=fragment", data=orjson.dumps(request), headers=bearer(ACME_KEY)
         )
         assert await response.json() == fragment
+
+
+async def test_embedded_replica_hides_a_segment_the_applied_version_pauses(
+    settings: Settings,
+    rules: CompiledRules,
+    start_ingest: StartIngest,
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+) -> None:
+    """The bidder starts from the file (geo_socal active) while the applied version has it
+    paused (built by ingest for a backfill): acme sees intent only, never the composite,
+    until a version switches geo on, and then the whole audience at once."""
+    text = EXAMPLE_RULES.read_text()
+    paused = text.replace("  - id: geo_socal\n", "  - id: geo_socal\n    status: paused\n", 1)
+    versions = RuleVersions(redis_client, settings.redis.key_prefix)
+    await versions.apply(paused, "geo paused")
+    await start_ingest()
+    await produce(
+        producer, settings.kafka.topic, [new_car_view("emb-p", 2), new_car_view("emb-p", 1)]
+    )
+    async with EmbeddedDmp(settings, rules, ACME, min_tmax_ms=10) as dmp:
+        async with asyncio.timeout(10):
+            await dmp.wait_ready()
+        await wait_until(lambda: dmp.segments("emb-p") != [], 10, "the user's intent")
+        assert dmp.segments("emb-p") == ["acme-new-vehicles"]
+        assert dmp.replica.base_segments("emb-p") == ["auto_new_car_intent", "geo_socal"]
+
+        await versions.apply(text, "geo active")
+        await wait_until(lambda: len(dmp.segments("emb-p")) == 2, 5, "the version to apply")
+        assert dmp.segments("emb-p") == ["acme-new-vehicles", "acme-socal-dealers"]
