@@ -75,8 +75,10 @@ def _load_rules(settings: Settings) -> CompiledRules | None:
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from dmp.gc_tuning import tune_for_service
     from dmp.services import serve_ingest
 
+    tune_for_service()
     rules = _load_rules(settings)
     if rules is None:
         return 2
@@ -85,8 +87,10 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _lookup(args: argparse.Namespace, settings: Settings) -> int:
+    from dmp.gc_tuning import tune_for_service
     from dmp.services import run_lookup_workers, serve_lookup
 
+    tune_for_service()
     rules = _load_rules(settings)
     if rules is None:
         return 2
