@@ -62,7 +62,8 @@ async def estimate(request: web.Request) -> web.Response:
     except RedisError as exc:
         log.warning("estimate unavailable (%s)", exc)
         return limit_error(503, "store unavailable, try again")
-    return _json({"segment": segment_id, "members": members})
+    status = audience.status(segment_id)  # "paused": built, not answered by lookups
+    return _json({"segment": segment_id, "members": members, "status": status})
 
 
 def openapi_paths() -> dict[str, Any]:

@@ -79,7 +79,10 @@ class SegmentPopulations:
     """
 
     NAME = "dmp_replica_segment_members"
-    HELP = "Members of each base segment, as this replica holds them."
+    HELP = (
+        "Members of each base segment as this replica holds them, paused ones included "
+        "(built, hidden from lookups)."
+    )
 
     def __init__(self) -> None:
         self._values: dict[str, int] = {}

@@ -158,7 +158,11 @@ def _audience(settings: Settings, client: aioredis.Redis, rules: CompiledRules) 
 
 async def _estimate(args: argparse.Namespace, settings: Settings, client: aioredis.Redis) -> int:
     audience = _audience(settings, client, await _live_rules(settings, client))
-    print(f"{args.segment}: {await audience.estimate(args.segment)} cookies")
+    members = await audience.estimate(args.segment)
+    status = audience.status(args.segment)
+    # A paused segment is built but hidden from lookups: say so next to the figure.
+    note = " (paused: built, not answered by lookups)" if status == "paused" else ""
+    print(f"{args.segment}: {members} cookies{note}")
     return 0
 
 
@@ -167,6 +171,9 @@ async def _overlap(args: argparse.Namespace, settings: Settings, client: aioredi
     print(f"{'A':<28} {'B':<28} {'both':>10} {'% of A':>7} {'% of B':>7}")
     for o in await audience.overlap(args.segments):
         print(f"{o.a:<28} {o.b:<28} {o.both:>10} {o.percent_of_a:>6.1f}% {o.percent_of_b:>6.1f}%")
+    paused = [s for s in dict.fromkeys(args.segments) if audience.status(s) == "paused"]
+    if paused:
+        print(f"paused (built, not answered by lookups): {', '.join(paused)}")
     return 0
 
 

@@ -159,7 +159,7 @@ async def test_keys_guard_admin_and_lookup_endpoints(
     await error_of(await client.get(estimate, headers=bearer(ACME_KEY)), 401)
     await error_of(await client.get("/v1/admin/rules", headers=bearer(BETA_KEY)), 401)
     answer = await client.get(estimate, headers=bearer(ADMIN_KEY))
-    assert await answer.json() == {"segment": "new_car_socal", "members": 1}
+    assert await answer.json() == {"segment": "new_car_socal", "members": 1, "status": "active"}
     rules_doc = await (await client.get("/v1/admin/rules", headers=bearer(ADMIN_KEY))).json()
     assert rules_doc["version"] == rules.version
     unknown = "/v1/admin/segments/nope/estimate"
