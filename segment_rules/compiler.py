@@ -125,6 +125,7 @@ class CompiledRules:
         self._index = EventIndex(self._tests)
         self.matching_traits = self._index.match
         self._active_base = tuple(s for s in ruleset.base_segments if s.status == "active")
+        self._active_base_ids = frozenset(s.id for s in self._active_base)
         checks: list[tuple[str, _Holds, _Holds | None]] = []
         for seg in self._active_base:
             assert seg.rule is not None
@@ -419,8 +420,12 @@ class CompiledRules:
         return within_ttl
 
     def with_composites(self, base_members: Iterable[str]) -> list[str]:
-        """Base memberships plus every active composite they satisfy, in file order."""
-        members = set(base_members)
+        """Active base memberships plus every active composite they satisfy, in file order.
+
+        A paused segment is built (for a backfill) but answered nowhere: as a part of a
+        composite it counts as not held, as lookups count it (dmp/replica.py).
+        """
+        members = set(base_members) & self._active_base_ids
         for seg in self._composites:
             assert seg.of is not None
             if evaluate_composite(seg.of, members):

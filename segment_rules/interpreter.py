@@ -165,7 +165,10 @@ class Interpreter:
         return frozenset(found)
 
     def with_composites(self, base: frozenset[str]) -> list[str]:
-        members = set(base)
+        # Paused parts count as not held, as lookups count them.
+        members = {
+            s.id for s in self.ruleset.segments if s.of is None and s.status == "active"
+        } & base
         for seg in topological_order(self.ruleset.segments):
             if (
                 seg.of is not None

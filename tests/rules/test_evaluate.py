@@ -144,3 +144,26 @@ def test_predicates_any_not_prefix_on_lists() -> None:
     assert not match({"attrs": {"plan": "gold"}, "geo": {"country": "CAN"}})
     assert match({"categories": ["auto/new"]})
     assert not match({"attrs": {"plan": ["silver"]}})
+
+
+PAUSED_PART = """segments:
+  - id: a
+    rule: {within: 1d, where: {field: type, equals: click}}
+  - id: p
+    status: paused
+    rule: {within: 1d, where: {field: type, equals: search}}
+  - id: a_and_p
+    of: {and: [a, p]}
+  - id: a_not_p
+    of: {and: [a, {not: p}]}
+"""
+
+
+def test_a_paused_part_counts_as_not_held_in_composites() -> None:
+    # Ingest builds paused segments for a backfill; every reader must answer as lookups do.
+    from segment_rules import Interpreter
+
+    ruleset = parse_rules(PAUSED_PART)
+    for evaluator in (CompiledRules(ruleset), Interpreter(ruleset)):
+        assert evaluator.with_composites(frozenset({"a", "p"})) == ["a", "a_not_p"]
+        assert evaluator.with_composites(frozenset({"p"})) == []
