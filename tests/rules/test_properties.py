@@ -194,3 +194,60 @@ def test_history_survives_json_and_pruning_is_invisible(
     for tid, state in restored.items():
         trait = next(tr for tr in compiled.traits if tr.id == tid)
         assert len(state) <= max(trait.keep, 2)
+
+
+ONE_FIELD = [("type",), ("categories",), ("url",), ("geo",), ("geo", "country")]
+ONE_FIELD += [("geo", "region"), ("geo", "metro"), ("attrs", "cart_value"), ("attrs", "plan")]
+ONE_FIELD += [("attrs", "query"), ("attrs", "ids")]
+
+
+def _with_field(event: dict[str, Any], path: tuple[str, ...], source: dict[str, Any]) -> Any:
+    """``event`` with the field at ``path`` taken from ``source`` (or removed if absent)."""
+    out = copy.deepcopy(event)
+    node: dict[str, Any] = out
+    src: Any = source
+    for key in path[:-1]:
+        src = src.get(key) if isinstance(src, dict) else None
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    value = src.get(path[-1]) if isinstance(src, dict) else None
+    if value is None:
+        node.pop(path[-1], None)
+    else:
+        node[path[-1]] = copy.deepcopy(value)
+    return out
+
+
+@PROPERTY
+@given(
+    preds=st.lists(predicates(), min_size=1, max_size=12),
+    base=events(),
+    edits=st.lists(st.tuples(st.sampled_from(ONE_FIELD), events()), min_size=1, max_size=6),
+    order=st.lists(st.integers(0, 6), max_size=40),
+    limit=st.sampled_from([1, 2, MEMO_LIMIT]),
+)
+def test_memoised_answers_agree_on_near_repeats(
+    preds: list[Any],
+    base: dict[str, Any],
+    edits: list[tuple[tuple[str, ...], dict[str, Any]]],
+    order: list[int],
+    limit: int,
+) -> None:
+    """Events equal in every field the tests read but one: a memo keyed on too few of the
+    fields (or on a projection that loses one) would answer one of them with another's."""
+    doc = {
+        "segments": [
+            {"id": f"s{n}", "rule": {"within": "1d", "where": p}} for n, p in enumerate(preds)
+        ]
+    }
+    tests = CompiledRules(load(doc)).tests
+    index = EventIndex(tests, memo_limit=limit)
+    pool = [base] + [_with_field(base, path, source) for path, source in edits]
+    for n in order:
+        event = copy.deepcopy(pool[n % len(pool)])
+        found = index.match(event)
+        assert len(found) == len(set(found))
+        expected = {tid for tid, pred in tests.items() if event_passes(pred, event)}
+        assert set(found) == expected, event
+    assert all(len(memo) <= limit for memo in index.memos)
