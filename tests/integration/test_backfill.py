@@ -150,7 +150,8 @@ async def test_backfill_builds_a_paused_segment_under_live_traffic_and_flips_it_
     assert "clickers" not in await segments_of(client, "live-0")  # paused: hidden
     code, out, err = await dmp_cli(settings, "rules", "estimate", "clickers")
     assert code == 0, err
-    assert out.startswith("clickers: ") and "(paused: built, not answered by lookups)" in out
+    assert out.startswith("clickers: ")
+    assert "(paused: built, not answered by lookups)" in out
 
     # Lookups all through: in one synchronous pass over every cookie, clickers is either in
     # no answer or in exactly the expected ones, never a partial audience.

@@ -102,7 +102,8 @@ async def test_embedded_replica_hides_a_segment_the_applied_version_pauses(
             await dmp.wait_ready()
         await wait_until(lambda: dmp.segments("emb-p") != [], 10, "the user's intent")
         assert dmp.segments("emb-p") == ["acme-new-vehicles"]
-        assert dmp.replica.base_segments("emb-p") == ["auto_new_car_intent", "geo_socal"]
+        # Built (in slot order, which depends on load order), but not answered.
+        assert sorted(dmp.replica.base_segments("emb-p")) == ["auto_new_car_intent", "geo_socal"]
 
         await versions.apply(text, "geo active")
         await wait_until(lambda: len(dmp.segments("emb-p")) == 2, 5, "the version to apply")
