@@ -20,7 +20,7 @@ from typing import Any
 
 from dmp.cookie_state import CookieState
 from dmp.ids import uid_hash
-from dmp.partition_batch import BatchPlan
+from dmp.partition_batch import BatchPlan, settle
 from segment_rules import CompiledRules, RuleSet, Segment
 
 
@@ -74,14 +74,5 @@ def plan_merge(
         for tid in [t for t in state.history if t not in targets]:
             del state.history[tid]
         state.history.update(kept[uid])
-        rules.prune(state.history, now)
-        evaluation = rules.evaluate(state.history, now)
-        state.members = evaluation.members
-        old = before[uid]
-        for seg in evaluation.members - old:
-            plan.added.setdefault(seg, []).append(state.local)
-        for seg in old - evaluation.members:
-            plan.removed.setdefault(seg, []).append(state.local)
-        plan.states[uid] = state
-        plan.due[uid] = evaluation.next_change
+        settle(plan, rules, uid, state, before[uid], now)
     return plan

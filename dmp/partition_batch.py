@@ -33,6 +33,26 @@ class BatchPlan:
         return sum(map(len, self.added.values())) + sum(map(len, self.removed.values()))
 
 
+def settle(
+    plan: BatchPlan,
+    rules: CompiledRules,
+    uid: str,
+    state: CookieState,
+    old: frozenset[str],
+    now: float,
+) -> None:
+    """Evaluate a touched cookie once and put its membership changes into ``plan``."""
+    rules.prune(state.history, now)
+    evaluation = rules.evaluate(state.history, now)
+    state.members = evaluation.members
+    for seg in evaluation.members - old:
+        plan.added.setdefault(seg, []).append(state.local)
+    for seg in old - evaluation.members:
+        plan.removed.setdefault(seg, []).append(state.local)
+    plan.states[uid] = state
+    plan.due[uid] = evaluation.next_change
+
+
 def plan_batch(
     rules: CompiledRules,
     events: Iterable[Mapping[str, Any]],
@@ -83,16 +103,7 @@ def plan_batch(
             plan.due[uid] = None  # state expired: nothing left to re-evaluate
 
     for uid, state in touched.items():
-        rules.prune(state.history, now)
-        evaluation = rules.evaluate(state.history, now)
-        state.members = evaluation.members
-        old = before[uid]
-        for seg in evaluation.members - old:
-            plan.added.setdefault(seg, []).append(state.local)
-        for seg in old - evaluation.members:
-            plan.removed.setdefault(seg, []).append(state.local)
-        plan.states[uid] = state
-        plan.due[uid] = evaluation.next_change
+        settle(plan, rules, uid, state, before[uid], now)
     for uid in erase:
         gone = touched.get(uid)
         if gone is not None and not (gone.history or gone.members):
