@@ -11,13 +11,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from dmp.config import Settings
+from tests.conftest import delete_topics
 from tests.faults.support import (
     FAULT_RULES,
     PrivateKafka,
     PrivateRedis,
     create_topic,
     delete_keys,
-    delete_topics,
 )
 
 pytestmark = pytest.mark.integration

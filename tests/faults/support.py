@@ -190,15 +190,6 @@ async def create_topic(settings: Settings) -> None:
     await create_topics(settings.kafka)
 
 
-async def delete_topics(settings: Settings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics([settings.kafka.topic, settings.kafka.dead_letter_topic])
-    finally:
-        await admin.close()
-
-
 async def delete_keys(client: aioredis.Redis, prefix: str) -> None:
     keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
     for i in range(0, len(keys), 1000):

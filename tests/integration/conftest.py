@@ -13,14 +13,13 @@ from dataclasses import replace
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from dmp.config import Settings
 from dmp.ingest import IngestService
 from dmp.metrics import IngestMetrics
 from dmp.topics import create_topics
 from segment_rules import CompiledRules, load_rules_file
-from tests.conftest import EXAMPLE_RULES
+from tests.conftest import EXAMPLE_RULES, delete_topics
 
 pytestmark = pytest.mark.integration
 
@@ -62,12 +61,7 @@ async def settings(stack: Settings) -> AsyncIterator[Settings]:
     )
     await create_topics(s.kafka)
     yield s
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka.bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics([s.kafka.topic, s.kafka.dead_letter_topic])
-    finally:
-        await admin.close()
+    await delete_topics(s)
     client = aioredis.Redis.from_url(s.redis.url)
     try:
         keys = [k async for k in client.scan_iter(match=f"{s.redis.key_prefix}:*", count=1000)]

@@ -20,7 +20,6 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CollectorRegistry
 
 from bidder_adapter.client import ClientConfig, ClientMetrics, DmpClient
@@ -31,7 +30,7 @@ from dmp.keys import PartitionKeys
 from dmp.shards import partition_of, shard_of
 from dmp.topics import create_topics
 from tests.bidder_adapter.partner_yaml import ACME_KEY, BETA_KEY, partner_yaml, write_partners
-from tests.conftest import REPO
+from tests.conftest import REPO, delete_topics
 
 PARTITIONS = 4
 COOKIES = 600
@@ -137,12 +136,7 @@ async def sharded_settings(settings: Settings) -> AsyncIterator[Settings]:
     )
     await create_topics(s.kafka)
     yield s
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka.bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics([s.kafka.topic, s.kafka.dead_letter_topic])
-    finally:
-        await admin.close()
+    await delete_topics(s)
 
 
 @pytest.fixture
