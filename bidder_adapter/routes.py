@@ -49,18 +49,22 @@ from bidder_adapter.sync_routes import add_sync_routes
 from dmp.config import Settings
 from dmp.match_table import MAX_PARTNER_UID_LENGTH, MatchTable, MatchTableStore, check_ttl_days
 from dmp.match_table_follower import MatchTableFollower, MatchTableMetrics
-from dmp.metrics import PARTNER_LABEL
+from dmp.metrics import OUTCOME_HEADER, PARTNER_LABEL
+from dmp.observed_routes import RouteAdder
 from dmp.privacy_follow import SUPPRESSION, SuppressedSegments
 from dmp.replica import Replica
 
 log = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Partner-Config-Version"
-OUTCOME_HEADER = "X-Dmp-Outcome"
 
 
 def setup_partner_routes(
-    app: web.Application, settings: Settings, replica: Replica, registry: CollectorRegistry
+    app: web.Application,
+    routes: RouteAdder,
+    settings: Settings,
+    replica: Replica,
+    registry: CollectorRegistry,
 ) -> None:
     """Add the partner endpoints and their background work (match table, file watch).
 
@@ -84,13 +88,13 @@ def setup_partner_routes(
     source = SuppressedSegments(replica, app[SUPPRESSION]) if SUPPRESSION in app else replica
     app[ANSWERER] = Answerer(source, table)
     app.cleanup_ctx.append(_partner_background)
-    r = app.router
+    r = routes
     r.add_get("/v1/partner/users/{user_id}/segments", partner_user_segments)
     r.add_post("/v1/partner/segments/batch", partner_batch_segments)
     r.add_post("/v1/openrtb/enrich", openrtb_enrich)
     r.add_post("/v1/prebid/rtd", prebid_rtd)
     r.add_post("/v1/admin/partners/reload", admin_reload)
-    add_sync_routes(app)
+    add_sync_routes(routes)
     app[OPENAPI] = orjson.dumps(openapi_document(), option=orjson.OPT_INDENT_2)
     r.add_get("/openapi.json", openapi_json)
 

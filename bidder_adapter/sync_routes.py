@@ -28,6 +28,7 @@ from bidder_adapter.sync import (
     valid_cookie_id,
 )
 from dmp.match_table import MAX_PARTNER_UID_LENGTH
+from dmp.observed_routes import RouteAdder
 
 if TYPE_CHECKING:
     from bidder_adapter.profiles import PartnerProfile
@@ -37,9 +38,9 @@ DAY = 86400
 NO_STORE = {"Cache-Control": "no-store"}
 
 
-def add_sync_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/sync/{partner_id}/setuid", sync_setuid)
-    app.router.add_get("/v1/sync/{partner_id}/redirect", sync_redirect)
+def add_sync_routes(routes: RouteAdder) -> None:
+    routes.add_get("/v1/sync/{partner_id}/setuid", sync_setuid)
+    routes.add_get("/v1/sync/{partner_id}/redirect", sync_redirect)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -117,7 +118,7 @@ async def sync_redirect(request: web.Request) -> web.StreamResponse:
     cookie_id, _ = _our_cookie(request)
     location = fill_sync_url(profile.sync_url, cookie_id, request.query)
     _count(request, profile.partner_id, "out", "redirected")
-    # Returned, not raised: the app's error middleware turns raised HTTP errors into JSON.
+    # Returned, not raised: every route's wrapper (dmp/observed_routes.py) turns raised HTTP errors into JSON.
     response = web.Response(status=302, headers={"Location": location, **NO_STORE})
     _set_cookie(request, response, cookie_id)
     return response

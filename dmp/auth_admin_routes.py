@@ -16,15 +16,16 @@ from redis.exceptions import RedisError
 from dmp.audience import Audience
 from dmp.auth import admin_refusal
 from dmp.limits import limit_error
+from dmp.observed_routes import RouteAdder
 from dmp.privacy_routes import PRIVACY_REPLICA, PRIVACY_SETTINGS, PRIVACY_STORE
 
 log = logging.getLogger(__name__)
 
 
-def setup_admin_routes(app: web.Application) -> None:
+def setup_admin_routes(routes: RouteAdder) -> None:
     """Call after dmp.privacy_routes.setup_privacy, whose Redis client these share."""
-    app.router.add_get("/v1/admin/rules", rules_in_force)
-    app.router.add_get("/v1/admin/segments/{segment_id}/estimate", estimate)
+    routes.add_get("/v1/admin/rules", rules_in_force)
+    routes.add_get("/v1/admin/segments/{segment_id}/estimate", estimate)
 
 
 def _json(doc: object) -> web.Response:

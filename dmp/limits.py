@@ -3,7 +3,7 @@
 Each refusal is a short JSON error (`{"error": ...}`) with the limit in it: 431 for headers,
 413 for bodies, 429 with Retry-After for the rate. The body limit is also aiohttp's own
 `client_max_size` (chunked bodies), and the HTTP parser accepts header lines up to
-PARSER_LIMITS so that this middleware, not the parser's plain-text 400, answers first.
+PARSER_LIMITS so that these checks, not the parser's plain-text 400, answers first.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def presented_key(request: web.Request) -> str | None:
 
 
 def request_limits(settings: SecuritySettings) -> Callable[[web.Request], web.Response | None]:
-    """The refusal for a request over a limit, or None; run by the lookup's one middleware."""
+    """The refusal for a request over a limit, or None; run around every lookup route (dmp/observed_routes.py)."""
     limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
     max_headers = settings.max_header_bytes
     max_body = settings.max_body_bytes

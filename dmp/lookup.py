@@ -4,31 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import os
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
-import orjson
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
-from bidder_adapter.routes import OUTCOME_HEADER, setup_partner_routes
+from bidder_adapter.routes import setup_partner_routes
 from dmp.auth import lookup_caller
 from dmp.auth_admin_routes import setup_admin_routes
 from dmp.change_follower import ChangeFollower
 from dmp.config import Settings
 from dmp.limits import request_limits
-from dmp.logs import REQUEST_ID_HEADER, bind, request_id, unbind
-from dmp.metrics import CONTENT_TYPE, DEADLINE_OUTCOME, NO_PARTNER, PARTNER_LABEL, LookupMetrics
+from dmp.metrics import CONTENT_TYPE, LookupMetrics
+from dmp.observed_routes import ObservedRoutes, json_error, json_response
 from dmp.privacy_follow import SUPPRESSION
 from dmp.privacy_routes import PRIVACY_FOLLOWER, setup_privacy
 from dmp.redis_client import connect
 from dmp.replica import Replica
 from dmp.rule_versions import RuleVersions, RuleWatcher
-from dmp.shards import MISDIRECTED, SHARD_HEADER, Misdirected, parse_shard
+from dmp.shards import parse_shard
 from segment_rules import CompiledRules
 
 log = logging.getLogger(__name__)
@@ -40,25 +34,17 @@ RULES = web.AppKey("rules", CompiledRules)
 METRICS = web.AppKey("metrics", LookupMetrics)
 REPLICA = web.AppKey("replica", Replica)
 FOLLOWER = web.AppKey("follower", ChangeFollower)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_response(doc: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
-
-
-def json_error(status: int, message: str) -> web.Response:
-    return json_response({"error": message}, status)
+# Add routes through this (handlers observed), not app.router: dmp/observed_routes.py.
+ROUTES = web.AppKey("routes", ObservedRoutes)
 
 
 def create_lookup_app(
     settings: Settings, rules: CompiledRules, metrics: LookupMetrics | None = None
 ) -> web.Application:
     metrics = metrics or LookupMetrics.create(multiproc_dir=settings.prometheus_multiproc_dir)
-    app = web.Application(
-        middlewares=[_request_middleware(metrics, request_limits(settings.security))],
-        client_max_size=settings.security.max_body_bytes,
-    )
+    app = web.Application(client_max_size=settings.security.max_body_bytes)
+    routes = ObservedRoutes(app.router, metrics, request_limits(settings.security))
+    app[ROUTES] = routes
     app[SETTINGS] = settings
     app[RULES] = rules
     app[METRICS] = metrics
@@ -69,14 +55,14 @@ def create_lookup_app(
         shard=parse_shard(settings.lookup.shard, settings.kafka.partitions),
     )
     app.cleanup_ctx.append(_follow_changes)
-    app.router.add_get("/v1/users/{uid}/segments", user_segments)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
+    routes.add_get("/v1/users/{uid}/segments", user_segments)
+    routes.add_get("/healthz", healthz)
+    routes.add_get("/readyz", readyz)
+    routes.add_get("/metrics", metrics_endpoint)
     # Opt-outs and erasures (dmp/privacy_routes.py): before the partner routes, which filter too.
-    setup_privacy(app, settings, app[REPLICA])
-    setup_admin_routes(app)
-    setup_partner_routes(app, settings, app[REPLICA], app[METRICS].registry)
+    setup_privacy(app, routes, settings, app[REPLICA])
+    setup_admin_routes(routes)
+    setup_partner_routes(app, routes, settings, app[REPLICA], app[METRICS].registry)
     return app
 
 
@@ -140,75 +126,6 @@ async def _follow_changes(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await client.aclose()
-
-
-def _request_middleware(
-    metrics: LookupMetrics, refusal: Callable[[web.Request], web.Response | None]
-) -> Middleware:
-    """Limits, errors as JSON, request ids in logs and the latency histogram, built per app.
-
-    One middleware, not two: each costs a coroutine frame per request at bid time. The hot
-    path pays for neither a random-number syscall (ids come from a counter under a random
-    per-process prefix) nor a label lookup (labelled children are kept here).
-    """
-    prefix = os.urandom(4).hex()
-    counter = itertools.count()
-    children: dict[tuple[str, int, str], Any] = {}
-    # In one process the in-flight gauge reads a plain counter at scrape time: inc/dec take
-    # the gauge's mutex, about 1 us a request. Worker processes need the shared file values.
-    in_flight = [0]
-    shared_gauge = metrics.multiproc_dir is not None
-    if not shared_gauge:
-        metrics.in_flight.set_function(lambda: in_flight[0])
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = request.match_info.route.resource
-        endpoint = route.canonical if route is not None else "unmatched"
-        started = time.perf_counter()
-        if shared_gauge:
-            metrics.in_flight.inc()
-        else:
-            in_flight[0] += 1
-        header = request.headers.get(REQUEST_ID_HEADER)
-        rid = request_id(header) if header else f"{prefix}-{next(counter)}"
-        token = bind(request_id=rid)
-        status = 500
-        outcome = None
-        try:
-            response = refusal(request) or await handler(request)
-            status = response.status
-            outcome = response.headers.get(OUTCOME_HEADER)
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            return json_error(exc.status, exc.reason)
-        except Misdirected as exc:  # a sharded replica asked about another shard's cookie
-            status = MISDIRECTED
-            response = json_response(exc.doc(), MISDIRECTED)
-            response.headers[SHARD_HEADER] = exc.owner_label
-            return response
-        except Exception:
-            log.exception("unhandled error on %s", endpoint)
-            return json_error(500, "internal error")
-        finally:
-            unbind(token)
-            if shared_gauge:
-                metrics.in_flight.dec()
-            else:
-                in_flight[0] -= 1
-            partner = request.get(PARTNER_LABEL, NO_PARTNER)
-            key = (endpoint, status, partner)
-            child = children.get(key)
-            if child is None:
-                child = children[key] = metrics.request_seconds.labels(
-                    endpoint, str(status), partner
-                )
-            child.observe(time.perf_counter() - started)
-            if outcome == DEADLINE_OUTCOME:
-                metrics.deadline_empty.labels(partner).inc()
-
-    return middleware
 
 
 async def user_segments(request: web.Request) -> web.Response:

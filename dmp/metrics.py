@@ -42,11 +42,13 @@ REJECT_REASONS = ("invalid_json", "too_large", "bad_timestamp", "bad_key", "empt
 # Requests no partner was authenticated for carry this partner label.
 NO_PARTNER = "none"
 # A handler that has authenticated a partner sets request[PARTNER_LABEL] = partner_id; the
-# lookup middleware labels the request's metrics with it. Partner ids come from the partner
+# lookup app labels the request's metrics with it. Partner ids come from the partner
 # file, so the label set stays bounded (never set it from unauthenticated input).
 PARTNER_LABEL = web.RequestKey("dmp_partner_label", str)
 # The X-Dmp-Outcome value of an answer sent empty because the caller's deadline was too short.
 DEADLINE_OUTCOME = "tmax"
+# The header a partner answer carries its outcome in (read back for the metrics).
+OUTCOME_HEADER = "X-Dmp-Outcome"
 VERSION_PREFIX = 12  # characters of the rule file's sha256 shown in dmp_rule_set_info
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -24,6 +24,7 @@ from dmp.auth import admin_refusal
 from dmp.config import Settings
 from dmp.events import MAX_UID_LENGTH
 from dmp.limits import limit_error
+from dmp.observed_routes import RouteAdder
 from dmp.privacy import ERASED, OPT_OUT, PrivacyStore
 from dmp.privacy_follow import SUPPRESSION, SuppressionFollower, SuppressionList
 from dmp.redis_client import connect
@@ -36,16 +37,18 @@ PRIVACY_FOLLOWER = web.AppKey("privacy_follower", SuppressionFollower)
 PRIVACY_REPLICA = web.AppKey("privacy_replica", Replica)
 
 
-def setup_privacy(app: web.Application, settings: Settings, replica: Replica) -> None:
+def setup_privacy(
+    app: web.Application, routes: RouteAdder, settings: Settings, replica: Replica
+) -> None:
     """The suppression list (followed from Redis) and the admin endpoints."""
     app[PRIVACY_SETTINGS] = settings
     app[PRIVACY_REPLICA] = replica
     app[SUPPRESSION] = SuppressionList()
     app.cleanup_ctx.append(_privacy_background)
-    app.router.add_post("/v1/privacy/opt-out", opt_out)
-    app.router.add_post("/v1/privacy/erase", erase)
-    app.router.add_post("/v1/privacy/consent", consent)
-    app.router.add_get("/v1/privacy/users/{uid}", status)
+    routes.add_post("/v1/privacy/opt-out", opt_out)
+    routes.add_post("/v1/privacy/erase", erase)
+    routes.add_post("/v1/privacy/consent", consent)
+    routes.add_get("/v1/privacy/users/{uid}", status)
 
 
 async def _privacy_background(app: web.Application) -> AsyncIterator[None]:

@@ -20,7 +20,7 @@ from pytest_aiohttp import AiohttpClient
 
 from dmp.config import Settings
 from dmp.logs import JsonFormatter, TextFormatter, log_context
-from dmp.lookup import create_lookup_app
+from dmp.lookup import ROUTES, create_lookup_app
 from segment_rules import CompiledRules, load_rules_file
 from tests.conftest import EXAMPLE_RULES, REPO
 
@@ -93,7 +93,7 @@ async def test_lookup_error_log_carries_the_request_id(
     # A closed port: the replica never loads, which this test does not need.
     settings = Settings.from_env({"DMP_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     app = create_lookup_app(settings, CompiledRules(load_rules_file(EXAMPLE_RULES)))
-    app.router.add_get("/broken", broken)
+    app[ROUTES].add_get("/broken", broken)
     client = await aiohttp_client(app)
 
     response = await client.get("/broken", headers={"X-Request-ID": "bid-42"})

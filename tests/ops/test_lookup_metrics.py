@@ -9,7 +9,7 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from dmp.config import Settings
-from dmp.lookup import METRICS, create_lookup_app
+from dmp.lookup import METRICS, ROUTES, create_lookup_app
 from dmp.metrics import PARTNER_LABEL
 from segment_rules import CompiledRules
 from tests.bidder_adapter.partner_yaml import ACME_KEY, partner_yaml
@@ -37,7 +37,7 @@ async def test_requests_are_timed_by_route_status_and_partner(
         return web.json_response({}, headers={"X-Dmp-Outcome": "tmax"})
 
     app = create_lookup_app(settings, rules)
-    app.router.add_get("/test/partner", answered_for_a_partner)
+    app[ROUTES].add_get("/test/partner", answered_for_a_partner)
     client = await aiohttp_client(app)
     metrics = app[METRICS]
 
