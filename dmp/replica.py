@@ -8,6 +8,7 @@ array (12 bytes a cookie) plus a small dict of cookies first seen since the load
 
 from __future__ import annotations
 
+import itertools
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -158,6 +159,8 @@ class PartitionIndex:
         return found
 
 
+# A full answer cache drops this fraction of its entries, oldest first (Replica._evict_oldest).
+CACHE_EVICT_PARTS = 64
 INACTIVE = 1 << 30  # the rank of a slot whose segment is paused or gone: sorts last
 
 
@@ -223,8 +226,12 @@ class Replica:
         self.partitions: dict[int, PartitionIndex] = {}
         self._plan = AnswerPlan(rules)
         self._cache_size = cache_size
-        self._cache: dict[str, tuple[int, list[str]]] = {}  # uid -> (position, answer)
+        # uid -> (position, answer). Answers are tuples of strings, which the collector stops
+        # tracking: a full collection no longer walks 100,000 cached lists (~65 ms, a stall
+        # every bidder behind it waited out).
+        self._cache: dict[str, tuple[int, tuple[str, ...]]] = {}
         self._cached_uid: dict[int, str] = {}  # position -> uid, to evict on change
+        self._evict_batch = max(1, cache_size // CACHE_EVICT_PARTS)
 
     def set_rules(self, rules: CompiledRules) -> None:
         """Swap the rule set (composites, paused segments) in one step."""
@@ -299,7 +306,7 @@ class Replica:
         """
         hit = self._cache.get(uid)
         if hit is not None:
-            return hit[1]
+            return list(hit[1])
         pos = self.position(uid)
         if pos is None:
             if self.shard is not None:
@@ -319,10 +326,22 @@ class Replica:
                 ranks = sorted(held)
             answer = list(map(plan.names.__getitem__, ranks))
         if len(self._cache) >= self._cache_size:
-            self.clear_cache()  # cheaper than LRU bookkeeping on every hit
-        self._cache[uid] = (pos, answer)
+            self._evict_oldest()
+        self._cache[uid] = (pos, tuple(answer))
         self._cached_uid[pos] = uid
         return answer
+
+    def _evict_oldest(self) -> None:
+        """Drop the oldest 1/CACHE_EVICT_PARTS of a full cache (insertion order).
+
+        Cheaper than LRU bookkeeping on every hit; and not the whole cache at once, whose
+        freeing took ~30 ms at 100,000 entries, a stall in the p99.9 of every rate.
+        """
+        cache, cached_uid = self._cache, self._cached_uid
+        for uid in list(itertools.islice(cache, self._evict_batch)):
+            pos = cache.pop(uid)[0]
+            if cached_uid.get(pos) == uid:
+                del cached_uid[pos]
 
     @property
     def membership_count(self) -> int:

@@ -39,6 +39,24 @@ def test_id_index_later_position_wins() -> None:
     assert (index.get(3), index.get(7), index.get(5)) == (99, 1, 12)
 
 
+def test_a_full_cache_drops_its_oldest_part_and_stays_exact() -> None:
+    replica = Replica(CompiledRules(parse_rules(RULES)), cache_size=128)
+    uids = [f"u{n}" for n in range(300)]
+    replica.add_ids([(position(0, n), uid_hash(uid)) for n, uid in enumerate(uids)])
+    replica.add("a", [position(0, n) for n in range(0, 300, 2)])
+    for uid in uids:
+        replica.segments(uid)
+    assert len(replica._cache) <= 128
+    assert len(replica._cached_uid) == len(replica._cache)  # no stale reverse entries
+    assert "u299" in replica._cache  # the newest stays
+    assert "u0" not in replica._cache  # the oldest went first
+    # A change to any cookie, cached or dropped, is seen on its next lookup.
+    replica.add("b", [position(0, n) for n in range(300)])
+    for n, uid in enumerate(uids):
+        both = ["a", "b", "a_and_b", "any_of", "deep"]
+        assert replica.segments(uid) == (both if n % 2 == 0 else ["b"]), uid
+
+
 def test_lookup_cache_is_evicted_by_changes() -> None:
     replica = Replica(CompiledRules(parse_rules(RULES)))
     pos = position(1, 7)
