@@ -57,6 +57,24 @@ def stack_urls() -> tuple[str, str]:
     return settings.redis.url, settings.kafka.bootstrap
 
 
+@contextlib.contextmanager
+def on_core(core: int) -> Iterator[None]:
+    """This process (a load generator) runs on ``core`` inside the block, when it exists.
+
+    Processes started inside keep their own pinning (``pinned``); threads started inside
+    inherit this one.
+    """
+    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) <= core:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def pinned(core: int | None, argv: Sequence[str]) -> list[str]:
     """``argv`` run on one core with taskset, when taskset exists and a core is given."""
     if core is None or shutil.which("taskset") is None or (os.cpu_count() or 1) <= core:

@@ -53,6 +53,7 @@ from loadtests.common import (
     env_with,
     exit_on_sigterm,
     median,
+    on_core,
     pinned,
     pyplot,
     python_argv,
@@ -323,7 +324,8 @@ def run_freshness(
     try:
         with (
             running("fresh-ingest", pinned(SERVER_CORE, dmp_argv("ingest")), env, work),
-            running("fresh-lookup", dmp_argv("lookup"), env, work) as lookup,
+            running("fresh-lookup", pinned(CLIENT_CORE, dmp_argv("lookup")), env, work) as lookup,
+            on_core(CLIENT_CORE),
         ):
             wait_http(f"http://127.0.0.1:{port}/readyz", lookup, 120)
             time.sleep(min(3.0, duration))  # the consumer group settles (join + assignment)
