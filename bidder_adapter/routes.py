@@ -88,15 +88,14 @@ def setup_partner_routes(
     source = SuppressedSegments(replica, app[SUPPRESSION]) if SUPPRESSION in app else replica
     app[ANSWERER] = Answerer(source, table)
     app.cleanup_ctx.append(_partner_background)
-    r = routes
-    r.add_get("/v1/partner/users/{user_id}/segments", partner_user_segments)
-    r.add_post("/v1/partner/segments/batch", partner_batch_segments)
-    r.add_post("/v1/openrtb/enrich", openrtb_enrich)
-    r.add_post("/v1/prebid/rtd", prebid_rtd)
-    r.add_post("/v1/admin/partners/reload", admin_reload)
+    routes.add_get("/v1/partner/users/{user_id}/segments", partner_user_segments)
+    routes.add_post("/v1/partner/segments/batch", partner_batch_segments)
+    routes.add_post("/v1/openrtb/enrich", openrtb_enrich)
+    routes.add_post("/v1/prebid/rtd", prebid_rtd)
+    routes.add_post("/v1/admin/partners/reload", admin_reload)
     add_sync_routes(routes)
     app[OPENAPI] = orjson.dumps(openapi_document(), option=orjson.OPT_INDENT_2)
-    r.add_get("/openapi.json", openapi_json)
+    routes.add_get("/openapi.json", openapi_json)
 
 
 async def _partner_background(app: web.Application) -> AsyncIterator[None]:

@@ -118,7 +118,8 @@ async def sync_redirect(request: web.Request) -> web.StreamResponse:
     cookie_id, _ = _our_cookie(request)
     location = fill_sync_url(profile.sync_url, cookie_id, request.query)
     _count(request, profile.partner_id, "out", "redirected")
-    # Returned, not raised: every route's wrapper (dmp/observed_routes.py) turns raised HTTP errors into JSON.
+    # Returned, not raised: every route's wrapper (dmp/observed_routes.py) turns raised HTTP
+    # errors into JSON.
     response = web.Response(status=302, headers={"Location": location, **NO_STORE})
     _set_cookie(request, response, cookie_id)
     return response

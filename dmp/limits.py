@@ -75,7 +75,10 @@ def presented_key(request: web.Request) -> str | None:
 
 
 def request_limits(settings: SecuritySettings) -> Callable[[web.Request], web.Response | None]:
-    """The refusal for a request over a limit, or None; run around every lookup route (dmp/observed_routes.py)."""
+    """The refusal for a request over a limit, or None.
+
+    Run around every lookup route (dmp/observed_routes.py).
+    """
     limiter = RateLimiter(settings.rate_per_second, settings.rate_burst)
     max_headers = settings.max_header_bytes
     max_body = settings.max_body_bytes

@@ -164,7 +164,7 @@ async def _wait_ready(http: aiohttp.ClientSession, service: Service, timeout: fl
             if status == 200:
                 return time.monotonic() - service.started
         except aiohttp.ClientError:
-            pass
+            pass  # not listening yet: poll again until the deadline
         await asyncio.sleep(0.05)
     raise AssertionError(f"{service.name} not ready after {timeout}s")
 
