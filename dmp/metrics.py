@@ -22,6 +22,8 @@ from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
+from dmp.latency_histogram import LatencyHistogram
+
 log = logging.getLogger(__name__)
 
 # Fine enough to see a 2 ms SLO: tens of microseconds up to 100 ms.
@@ -282,11 +284,24 @@ class IngestMetrics:
             self.consumer_lag.labels(str(partition)).set(0)
 
 
+def _request_histogram(
+    registry: CollectorRegistry, multiproc_dir: Path | None
+) -> Histogram | LatencyHistogram:
+    """Every lookup request is observed: in one process without prometheus-client's locks
+    (dmp/latency_histogram.py); worker processes need its shared files."""
+    name = "dmp_lookup_request_duration_seconds"
+    doc = "Lookup request handling time, by route, HTTP status and partner."
+    labels = ["endpoint", "status", "partner"]
+    if multiproc_dir is None:
+        return LatencyHistogram(name, doc, labels, LATENCY_BUCKETS, registry)
+    return Histogram(name, doc, labels, buckets=LATENCY_BUCKETS, registry=registry)
+
+
 @dataclass(frozen=True)
 class LookupMetrics:
     registry: CollectorRegistry
     multiproc_dir: Path | None
-    request_seconds: Histogram
+    request_seconds: Histogram | LatencyHistogram
     in_flight: Gauge
     deadline_empty: Counter
     ready: Gauge
@@ -311,13 +326,7 @@ class LookupMetrics:
         metrics = cls(
             registry=r,
             multiproc_dir=multiproc_dir,
-            request_seconds=Histogram(
-                "dmp_lookup_request_duration_seconds",
-                "Lookup request handling time, by route, HTTP status and partner.",
-                ["endpoint", "status", "partner"],
-                buckets=LATENCY_BUCKETS,
-                registry=r,
-            ),
+            request_seconds=_request_histogram(r, multiproc_dir),
             in_flight=Gauge(
                 "dmp_lookup_requests_in_flight",
                 "Requests being handled.",

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from dmp.logs import REQUEST_ID_HEADER, bind, request_id, unbind
+from dmp.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from dmp.metrics import (
     DEADLINE_OUTCOME,
     NO_PARTNER,
@@ -89,6 +89,7 @@ class ObservedRoutes:
         metrics, refusal, children = self._metrics, self._refusal, self._children
         prefix, counter, in_flight = self._prefix, self._counter, self._in_flight
         shared_gauge = self._shared_gauge
+        set_request_id, reset_request_id = REQUEST_ID.set, REQUEST_ID.reset
 
         async def observed(request: web.Request) -> web.StreamResponse:
             started = time.perf_counter()
@@ -97,7 +98,7 @@ class ObservedRoutes:
             else:
                 in_flight[0] += 1
             header = request.headers.get(REQUEST_ID_HEADER)
-            token = bind(request_id=request_id(header) if header else f"{prefix}-{next(counter)}")
+            token = set_request_id(request_id(header) if header else f"{prefix}-{next(counter)}")
             status = 500
             outcome = None
             try:
@@ -117,7 +118,7 @@ class ObservedRoutes:
                 log.exception("unhandled error on %s", endpoint)
                 return json_error(500, "internal error")
             finally:
-                unbind(token)
+                reset_request_id(token)
                 if shared_gauge:
                     metrics.in_flight.dec()
                 else:
