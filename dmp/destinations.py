@@ -12,11 +12,14 @@ reading anything new, so nothing is skipped; receivers dedupe on the batch numbe
 (`Idempotency-Key`; the file sink's name), which is how a send whose answer was lost in a
 crash is not applied twice.
 
-Only active segments are exported. Ingest also materialises paused ones (built for a
+Only live (active) segments are exported. Ingest also materialises paused ones (built for a
 backfill, docs/decisions/0005-backfill.md) and their changes are in the same streams; they
-are dropped here, and composites are derived from active parts only, as lookups do. The
-exporter follows the applied rule version (`set_rules`, between batches): a segment is
-exported from the batch after it goes live, by its changes from then on.
+are dropped here, and composites are derived from live parts only, as lookups do. Which
+segments are live is the destination's own state, kept with its cursor: when the applied
+rule version changes it (`set_rules`), the exporter switches at a cut of every stream
+(dmp/destinations_switch.py): entries up to the cut under the old set, then the members of
+each segment gone live (adds) or paused (removes) as of the cut, then entries after it
+under the new set. A segment going live thus reaches the partner whole, once.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from bidder_adapter.profiles import PartnerProfile
 from dmp.cookie_state import CookieState
+from dmp.destinations_keys import DestinationKeys
+from dmp.destinations_switch import LIVE_FIELD, Switch, SwitchStep, SwitchStore, start_switch
+from dmp.destinations_views import Change, PartnerView, live_segments
 from dmp.ids import LOCAL_BITS
 from dmp.keys import PartitionKeys, partitions_key
 from dmp.match_table import MatchKeys
@@ -49,34 +55,12 @@ SEQ_FIELD = "#seq"
 
 
 @dataclass(frozen=True)
-class DestinationKeys:
-    """One destination's state shares a hash tag, so its commit is one transaction."""
-
-    prefix: str
-    state_prefix: str
-    partner_id: str
-
-    @property
-    def tag(self) -> str:
-        return f"{self.prefix}:{{{self.state_prefix}:{self.partner_id}}}"
-
-    @property
-    def cursor(self) -> str:
-        """Hash: change-stream key -> last exported entry id; `#seq` -> last batch number."""
-        return f"{self.tag}:cursor"
-
-    @property
-    def pending(self) -> str:
-        """Hash: the batch written but not yet known to be delivered (seq, body, cursors)."""
-        return f"{self.tag}:pending"
-
-
-@dataclass(frozen=True)
 class Batch:
     seq: int
     body: bytes  # one JSON object per line, one line per user
     users: int
     cursors: Mapping[str, str]  # stream key -> last entry id this batch covers
+    step: SwitchStep | None = None  # a batch of a switch of live sets: what it completes
 
 
 class Sink(Protocol):
@@ -161,29 +145,6 @@ class _UserOps:
         return added, removed
 
 
-def visible_segments(rules: CompiledRules) -> frozenset[str]:
-    """Base segments a partner may be sent: the active ones (paused ones are hidden)."""
-    return frozenset(s.id for s in rules.ruleset.base_segments if s.status == "active")
-
-
-@dataclass(frozen=True)
-class _RulesView:
-    """What one batch is built under, swapped whole so a batch never mixes two versions."""
-
-    rules: CompiledRules
-    visible: frozenset[str]
-    # Composite grants and many-to-one mappings need the user's whole membership to know
-    # whether the partner's segment really changed; plain ones follow the ops exactly.
-    whole_membership: bool
-
-    @classmethod
-    def of(cls, rules: CompiledRules, profile: PartnerProfile) -> _RulesView:
-        composites = {s.id for s in rules.ruleset.composite_segments}
-        mapped = [profile.segment_id_map.get(s, s) for s in profile.granted_segments]
-        whole = bool(profile.granted_segments & composites) or len(set(mapped)) < len(mapped)
-        return cls(rules, visible_segments(rules), whole)
-
-
 class Exporter:
     def __init__(
         self,
@@ -209,12 +170,14 @@ class Exporter:
         self.topic = topic
         self.clock = clock
         self.keys = DestinationKeys(prefix, state_prefix, profile.partner_id)
+        self.switches = SwitchStore(client, self.keys)
         self.label = profile.partner_id
-        self._view = _RulesView.of(rules, profile)
+        self._rules = rules
+        self._view: PartnerView | None = None  # the last one built, reused while it holds
 
     def set_rules(self, rules: CompiledRules) -> None:
-        """Export under a new rule version from the next batch on (one assignment)."""
-        self._view = _RulesView.of(rules, self.profile)
+        """Export under a new rule version: its live set is switched to before the next batch."""
+        self._rules = rules
 
     async def run(self, stop: asyncio.Event) -> None:
         """Export until `stop`: drain what is there in batches, then wait the interval."""
@@ -236,11 +199,13 @@ class Exporter:
         raw: Any = await self.client.hgetall(self.keys.pending)
         if not raw:
             return
+        step = raw.get(b"step")
         batch = Batch(
             seq=int(raw[b"seq"]),
             body=as_bytes(raw[b"body"]),
             users=int(raw[b"users"]),
             cursors=orjson.loads(raw[b"cursors"]),
+            step=SwitchStep.decode(as_bytes(step)) if step else None,
         )
         log.info("destination %s: resending pending batch %d", self.label, batch.seq)
         if await self._deliver(batch, stop):
@@ -248,15 +213,67 @@ class Exporter:
 
     async def next_batch(self) -> Batch | None:
         """The next batch (maybe without users), or None when no entry is left to read."""
-        view = self._view
+        rules = self._rules  # one version for the whole batch
         stored: Any = await self.client.hgetall(self.keys.cursor)
-        cursors = {as_str(k): as_str(v) for k, v in stored.items() if as_str(k) != SEQ_FIELD}
-        seq = int(stored.get(SEQ_FIELD.encode(), 0))
+        fields = {as_str(k): as_str(v) for k, v in stored.items()}
+        seq = int(fields.pop(SEQ_FIELD, 0))
+        wanted = live_segments(rules)
+        live_raw = fields.pop(LIVE_FIELD, None)
+        if live_raw is None:
+            # First run (or state from before live sets were kept): start under the version
+            # in force, as a new destination starts at the oldest entry still kept.
+            await self.client.hset(self.keys.cursor, LIVE_FIELD, orjson.dumps(sorted(wanted)))
+            live = wanted
+        else:
+            live = frozenset(orjson.loads(live_raw))
+        switch = await self.switches.load()
+        if switch is None and live != wanted:
+            switch, unnamed = await start_switch(
+                self.client,
+                self.switches,
+                prefix=self.prefix,
+                topic=self.topic,
+                ruleset=rules.ruleset,
+                profile=self.profile,
+                old=live,
+                new=wanted,
+                batch_size=self.config.batch_size,
+            )
+            if unnamed:
+                self.metrics.skipped.labels(self.label, "unnamed").inc(unnamed)
+            if switch is None:  # no segment this partner depends on changed
+                await self.client.hset(self.keys.cursor, LIVE_FIELD, orjson.dumps(sorted(wanted)))
+                live = wanted
+        cursors = fields  # what is left: change stream -> last exported entry id
+        if switch is None:
+            return await self._read_changes(cursors, seq, self._view_of(rules, live), None)
+        # Up to the cut under the old live set; then the difference at the cut, once.
+        old = self._view_of(rules, switch.old)
+        batch = await self._read_changes(cursors, seq, old, switch.cuts)
+        return batch if batch is not None else await self._switch_batch(switch, seq)
+
+    def _view_of(self, rules: CompiledRules, live: frozenset[str]) -> PartnerView:
+        view = self._view
+        if view is None or view.ruleset is not rules.ruleset or view.live != live:
+            view = self._view = PartnerView.of(rules.ruleset, self.profile, live)
+        return view
+
+    async def _read_changes(
+        self,
+        cursors: Mapping[str, str],
+        seq: int,
+        view: PartnerView,
+        until: Mapping[str, str] | None,
+    ) -> Batch | None:
+        """A batch of change entries after the cursors; with ``until``, only the streams in
+        it and only up to the entry it names."""
         raw_parts: Any = await self.client.smembers(partitions_key(self.prefix, self.topic))
         streams = [
             PartitionKeys(self.prefix, self.topic, int(p))
             for p in sorted(int(x) for x in raw_parts)
         ]
+        if until is not None:
+            streams = [keys for keys in streams if keys.changes in until]
         users: dict[str, _UserOps] = {}
         ends: dict[str, str] = {}
         unnamed = 0
@@ -267,7 +284,8 @@ class Exporter:
                 if stream not in ends and stream in cursors:
                     await self._check_gap(stream, cursors[stream])
                 start = ends.get(stream) or cursors.get(stream, "0-0")
-                entries: Any = await self.client.xrange(stream, f"({start}", "+", count=READ_COUNT)
+                last = "+" if until is None else until[stream]
+                entries: Any = await self.client.xrange(stream, f"({start}", last, count=READ_COUNT)
                 if len(entries) < READ_COUNT:
                     open_streams.remove(keys)
                 for entry_id, fields in entries:
@@ -281,12 +299,27 @@ class Exporter:
             return None
         if unnamed:
             self.metrics.skipped.labels(self.label, "unnamed").inc(unnamed)
-        lines = await self._lines(users, view)
+        lines = await self._finish(await self._changes(users, view))
         return Batch(
             seq=seq + 1 if lines else seq,
-            body=b"".join(orjson.dumps(line) + b"\n" for line in lines),
+            body=_body(lines),
             users=len(lines),
             cursors=ends,
+        )
+
+    async def _switch_batch(self, switch: Switch, seq: int) -> Batch:
+        """The next stored chunk of the switch's partner lines; the last one finishes it."""
+        if switch.next >= switch.chunks:  # nothing to send: only the live set changes
+            return Batch(seq, b"", 0, {}, SwitchStep(None, True, switch.new))
+        changes = await self.switches.chunk(switch.next)
+        lines = await self._finish(changes)
+        last = switch.next + 1 >= switch.chunks
+        return Batch(
+            seq=seq + 1 if lines else seq,
+            body=_body(lines),
+            users=len(lines),
+            cursors={},
+            step=SwitchStep(switch.next, last, switch.new),
         )
 
     async def _check_gap(self, stream: str, cursor: str) -> None:
@@ -305,37 +338,42 @@ class Exporter:
                 deleted,
             )
 
-    async def _lines(
-        self, users: Mapping[str, _UserOps], view: _RulesView
-    ) -> list[dict[str, object]]:
-        profile = self.profile
-        rules, visible = view.rules, view.visible
+    async def _changes(self, users: Mapping[str, _UserOps], view: PartnerView) -> list[Change]:
+        """Per user with a net change the partner sees: its partner segment ids in and out."""
         uids = sorted(users)
         current: dict[str, frozenset[str]] = {}
         if view.whole_membership and uids:
             current = await self._members(uids, users)
-        changes: list[tuple[str, list[str], list[str]]] = []
-        # Opted-out and erased cookies: their removals go out, never an add (dmp/privacy.py).
-        blocked = await PrivacyStore(self.client, self.prefix, self.topic).suppressed_among(uids)
+        changes: list[Change] = []
         for uid in uids:
             added, removed = users[uid].net()
-            added &= visible
-            removed &= visible
+            added &= view.bases
+            removed &= view.bases
             if view.whole_membership:
                 # Paused parts are left out before composites are derived: a composite
                 # over a paused segment reads it as not held, like a lookup (AnswerPlan).
-                now = current.get(uid, frozenset()) & visible
-                before = profile.mapped(rules.with_composites((now - added) | removed))
-                after = profile.mapped(rules.with_composites(now))
+                now = current.get(uid, frozenset()) & view.bases
+                before = view.partner_ids((now - added) | removed)
+                after = view.partner_ids(now)
                 adds, removes = sorted(after - before), sorted(before - after)
             else:
-                adds = sorted(profile.mapped(added))
-                removes = sorted(profile.mapped(removed))
-            if uid in blocked:
-                adds = []
+                adds = sorted(self.profile.mapped(added))
+                removes = sorted(self.profile.mapped(removed))
             if adds or removes:
                 changes.append((uid, adds, removes))
-        ids = [uid for uid, _, _ in changes]
+        return changes
+
+    async def _finish(self, changes: Sequence[Change]) -> list[dict[str, object]]:
+        """Lines in the partner's terms: no add for a suppressed cookie, their user ids."""
+        # Opted-out and erased cookies: their removals go out, never an add (dmp/privacy.py).
+        uids = [uid for uid, _, _ in changes]
+        blocked = await PrivacyStore(self.client, self.prefix, self.topic).suppressed_among(uids)
+        kept = [
+            (uid, [] if uid in blocked else adds, removes)
+            for uid, adds, removes in changes
+            if removes or uid not in blocked
+        ]
+        ids = [uid for uid, _, _ in kept]
         if self.config.user_id == "partner" and ids:
             theirs = await self._partner_ids(ids)
             missing = sum(1 for t in theirs if t is None)
@@ -344,7 +382,7 @@ class Exporter:
             ids = [t or "" for t in theirs]
         return [
             {"user_id": user_id, "add": adds, "remove": removes}
-            for user_id, (_, adds, removes) in zip(ids, changes, strict=True)
+            for user_id, (_, adds, removes) in zip(ids, kept, strict=True)
             if user_id
         ]
 
@@ -365,15 +403,15 @@ class Exporter:
         return [None if raw is None else as_str(raw) for raw in raws]
 
     async def _write_pending(self, batch: Batch) -> None:
-        await self.client.hset(
-            self.keys.pending,
-            mapping={
-                "seq": batch.seq,
-                "body": batch.body,
-                "users": batch.users,
-                "cursors": orjson.dumps(batch.cursors),
-            },
-        )
+        mapping: dict[str, bytes | int] = {
+            "seq": batch.seq,
+            "body": batch.body,
+            "users": batch.users,
+            "cursors": orjson.dumps(batch.cursors),
+        }
+        if batch.step is not None:
+            mapping["step"] = batch.step.encode()
+        await self.client.hset(self.keys.pending, mapping=mapping)  # type: ignore[arg-type]  # bytes values are fine
         self.metrics.pending.labels(self.label).set(1)
 
     async def _deliver(self, batch: Batch, stop: asyncio.Event) -> bool:
@@ -415,9 +453,17 @@ class Exporter:
             }
             state.update(batch.cursors.items())
             pipe.hset(self.keys.cursor, mapping=state)
+            if batch.step is not None:
+                self.switches.commit(pipe, batch.step)
             pipe.delete(self.keys.pending)
             await pipe.execute()
         self.metrics.pending.labels(self.label).set(0)
+        if batch.step is not None and batch.step.last:
+            log.info("destination %s: switch of live segments done", self.label)
+
+
+def _body(lines: Sequence[Mapping[str, object]]) -> bytes:
+    return b"".join(orjson.dumps(line) + b"\n" for line in lines)
 
 
 def _apply_entry(users: dict[str, _UserOps], partition: int, doc: Mapping[str, Any]) -> int:

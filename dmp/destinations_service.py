@@ -58,6 +58,10 @@ class DestinationService:
         self.watcher = RuleWatcher(
             RuleVersions(client, settings.redis.key_prefix), rules, self.set_rules
         )
+        # Exporters start once the version in force is known: started under the file's
+        # statuses, each would switch its live set twice (dmp/destinations_switch.py),
+        # sending a paused segment's members and then taking them back.
+        self.rules_known = False
 
     def set_rules(self, rules: CompiledRules, number: int | None = None) -> None:
         self.rules = rules
@@ -82,7 +86,8 @@ class DestinationService:
         try:
             while not stop.is_set():
                 await self._poll_rules()
-                await self._reconcile()
+                if self.rules_known:
+                    await self._reconcile()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         stop.wait(), timeout=self.settings.partner.reload_poll_seconds
@@ -96,6 +101,8 @@ class DestinationService:
             await self.watcher.poll()
         except RedisError as exc:  # keep exporting under the version in force; retry later
             log.warning("rule version check failed (%s)", exc)
+            return
+        self.rules_known = True
 
     async def _reconcile(self) -> None:
         wanted = {

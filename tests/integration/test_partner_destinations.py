@@ -26,7 +26,8 @@ from bidder_adapter.partner_metrics import PartnerMetrics
 from bidder_adapter.partner_registry import PartnerRegistry
 from bidder_adapter.profiles import PartnerProfile, hash_api_key
 from dmp.config import Settings
-from dmp.destinations import DestinationKeys, DestinationMetrics, Exporter
+from dmp.destinations import DestinationMetrics, Exporter
+from dmp.destinations_keys import DestinationKeys
 from dmp.destinations_service import DestinationService
 from dmp.destinations_sinks import FileSink, HttpSink
 from dmp.match_table import MatchTableStore

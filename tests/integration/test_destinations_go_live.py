@@ -1,0 +1,462 @@
+"""A segment built while paused reaches every destination whole, once, when it goes live;
+pausing it takes its members back. Real Kafka, Redis, ingest, `dmp rules apply` and
+`dmp rules backfill` (as processes), the destinations service and HTTP receivers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from bidder_adapter.partner_metrics import PartnerMetrics
+from bidder_adapter.partner_registry import PartnerRegistry
+from bidder_adapter.profiles import hash_api_key
+from dmp.config import Settings
+from dmp.cookie_state import CookieState
+from dmp.destinations import DestinationMetrics, Exporter
+from dmp.destinations_keys import DestinationKeys
+from dmp.destinations_service import DestinationService
+from dmp.destinations_sinks import HttpSink
+from dmp.keys import PartitionKeys
+from dmp.rule_versions import RuleVersions
+from segment_rules import CompiledRules, parse_rules
+from tests.bidder_adapter.partner_yaml import partner_yaml, write_partners
+from tests.conftest import EXAMPLE_RULES
+from tests.integration.conftest import StartIngest, wait_until
+from tests.integration.helpers import new_car_view, produce
+from tests.integration.test_backfill import V2, click, dmp_cli, produce_at_event_time
+from tests.integration.test_partner_destinations import GEO, INTENT, Receiver, gamma, gamma_yaml
+
+DAY = 86400.0
+ACTIVE = EXAMPLE_RULES.read_text()
+PAUSED = ACTIVE.replace("  - id: geo_socal\n", "  - id: geo_socal\n    status: paused\n", 1)
+SOCAL = "acme-socal-dealers"
+VEHICLES = "acme-new-vehicles"
+
+
+@contextlib.asynccontextmanager
+async def serving(rec: Receiver) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_post("/segments", rec.handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/segments"
+    finally:
+        rec.release.set()
+        await runner.cleanup()
+
+
+def lines(rec: Receiver, batches: Iterable[bytes] | None = None) -> list[dict[str, Any]]:
+    bodies = rec.bodies.values() if batches is None else batches
+    return [orjson.loads(line) for body in bodies for line in body.splitlines()]
+
+
+def sent(rec: Receiver, op: str, segment: str) -> Counter[str]:
+    """How many times each user was sent ``op`` ('add' or 'remove') of ``segment``."""
+    return Counter(str(line["user_id"]) for line in lines(rec) if segment in line[op])
+
+
+def holding(rec: Receiver, segment: str) -> set[str]:
+    return {user for user, segments in rec.state.items() if segment in segments}
+
+
+async def geo_members(redis_client: aioredis.Redis, settings: Settings) -> set[str]:
+    """Cookies whose stored state holds geo_socal (paused or not: ingest builds it)."""
+    found = set()
+    for p in range(settings.kafka.partitions):
+        tag = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, p).tag
+        keys = [k async for k in redis_client.scan_iter(match=f"{tag}:c:*", count=1000)]
+        raws: list[Any] = await redis_client.mget(keys)
+        for key, raw in zip(keys, raws, strict=True):
+            if raw is not None and "geo_socal" in CookieState.decode(raw).members:
+                found.add(key.decode().rsplit(":c:", 1)[1])
+    return found
+
+
+async def ever_added(redis_client: aioredis.Redis, settings: Settings, segment: str) -> set[str]:
+    """Cookies whose join of ``segment`` is in a change stream (the entries name them)."""
+    found = set()
+    for p in range(settings.kafka.partitions):
+        keys = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, p)
+        entries: Any = await redis_client.xrange(keys.changes)
+        for _, fields in entries:
+            doc = orjson.loads(fields[b"d"])
+            names = {pos: uid for pos, uid in doc.get("u", [])}
+            found |= {names[pos] for pos in doc["a"].get(segment, []) if pos in names}
+    return found
+
+
+def la_views(uid: str, count: int, age_days: float = 1.0) -> list[dict[str, Any]]:
+    return [new_car_view(uid, age_days - n / DAY) for n in range(count)]
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    await wait_until(check, timeout, what)
+
+
+async def test_a_segment_built_while_paused_reaches_each_destination_once_when_it_goes_live(
+    settings: Settings,
+    rules: CompiledRules,
+    start_ingest: StartIngest,
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+) -> None:
+    """geo_socal is paused while its audience builds (and partly lapses); `dmp rules apply`
+    makes it live under live traffic: gamma (granted geo plainly) gets each member's add
+    once, acme (granted the composite intent AND geo) its composite once; pausing it again
+    takes both back, once."""
+    topic = settings.kafka.topic
+    (tmp_path / "paused.yaml").write_text(PAUSED)
+    (tmp_path / "active.yaml").write_text(ACTIVE)
+    code, _, err = await dmp_cli(settings, "rules", "apply", str(tmp_path / "paused.yaml"))
+    assert code == 0, err
+    gamma_rec, acme_rec = Receiver(), Receiver()
+    async with serving(gamma_rec) as gamma_url, serving(acme_rec) as acme_url:
+        path = write_partners(
+            tmp_path / "partners.yaml",
+            gamma_yaml(
+                # Small batches: the members at the switch take several batches.
+                f"{{kind: http, url: '{gamma_url}', batch_size: 3, interval_seconds: 0.05}}",
+                base=partner_yaml(
+                    destination=f"    destination: {{kind: http, url: '{acme_url}', "
+                    "batch_size: 4, interval_seconds: 0.05}\n"
+                ),
+            ),
+        )
+        s = replace(
+            settings,
+            partners_path=path,
+            partner=replace(settings.partner, reload_poll_seconds=0.05),
+        )
+        partners = PartnerRegistry(path, PartnerMetrics.create(CollectorRegistry()))
+        partners.load()
+        await start_ingest()
+
+        both = [f"both-{i}" for i in range(7)]  # intent and geo
+        geo_only = [f"geo-{i}" for i in range(5)]  # one view: geo, not intent
+        gone = [f"gone-{i}" for i in range(4)]  # in geo for 6 seconds, while it is paused
+        elsewhere = [f"ny-{i}" for i in range(3)]  # intent, not geo
+        events = [e for u in both for e in la_views(u, 2)]
+        events += [e for u in geo_only for e in la_views(u, 1)]
+        events += [new_car_view(u, 30 - 6 / DAY) for u in gone]
+        events += [new_car_view(u, 1, metro="501", region="NY") for u in elsewhere for _ in "ab"]
+        await produce(producer, topic, events)
+
+        async with aiohttp.ClientSession() as session:
+            service = DestinationService(
+                s, rules, redis_client, partners, DestinationMetrics.create(), session
+            )
+            stop = asyncio.Event()
+            task = asyncio.create_task(service.run(stop))
+            traffic: asyncio.Task[None] | None = None
+            try:
+                intent = set(both + elsewhere)
+                await eventually(lambda: holding(gamma_rec, INTENT) == intent, "gamma's intent")
+                await eventually(lambda: holding(acme_rec, VEHICLES) == intent, "acme's intent")
+                # gone-* joined geo and left it while paused: their changes are in the
+                # streams, and must never reach a partner.
+                async with asyncio.timeout(20):
+                    while await geo_members(redis_client, settings) != set(both + geo_only):
+                        await asyncio.sleep(0.1)
+                assert set(gone) <= await ever_added(redis_client, settings, "geo_socal")
+                await asyncio.sleep(0.3)  # nothing about geo may have gone out
+                assert not holding(gamma_rec, GEO)
+                assert not holding(acme_rec, SOCAL)
+                before = dict(gamma_rec.bodies)
+
+                late: list[str] = []
+                quiet = asyncio.Event()
+
+                async def live_traffic() -> None:
+                    """New intent + geo users all through the switch (whole users only)."""
+                    while not quiet.is_set():
+                        uid = f"late-{len(late)}"
+                        await produce(producer, topic, la_views(uid, 2, 0.1))
+                        late.append(uid)
+                        await asyncio.sleep(0.05)
+
+                traffic = asyncio.create_task(live_traffic())
+                await asyncio.sleep(0.3)
+                code, out, err = await dmp_cli(
+                    settings, "rules", "apply", str(tmp_path / "active.yaml")
+                )
+                assert code == 0, err
+                assert "~ geo_socal: changed status" in out
+                await asyncio.sleep(1.0)  # live traffic after the switch too
+                quiet.set()
+                await traffic
+                assert len(late) >= 10
+
+                members = set(both + geo_only + late)
+                await eventually(lambda: holding(gamma_rec, GEO) == members, "gamma's geo")
+                local = set(both + late)
+                await eventually(lambda: holding(acme_rec, SOCAL) == local, "acme's composite")
+                await asyncio.sleep(0.3)  # nothing more may arrive
+
+                earlier = lines(gamma_rec, before.values())
+                assert not any(GEO in line["add"] + line["remove"] for line in earlier)
+                assert sent(gamma_rec, "add", GEO) == Counter(dict.fromkeys(members, 1))
+                assert sent(gamma_rec, "remove", GEO) == Counter()
+                assert sent(acme_rec, "add", SOCAL) == Counter(dict.fromkeys(local, 1))
+                assert holding(gamma_rec, INTENT) == intent | set(late)
+
+                # Paused again: what partners hold of it is taken back, once.
+                code, _, err = await dmp_cli(
+                    settings, "rules", "apply", str(tmp_path / "paused.yaml")
+                )
+                assert code == 0, err
+                await eventually(lambda: not holding(gamma_rec, GEO), "gamma's geo removed")
+                await eventually(lambda: not holding(acme_rec, SOCAL), "acme's composite removed")
+                await produce(producer, topic, la_views("after-pause", 2))
+                await eventually(
+                    lambda: "after-pause" in holding(gamma_rec, INTENT), "a user after the pause"
+                )
+                await asyncio.sleep(0.3)
+            finally:
+                if traffic is not None:
+                    traffic.cancel()
+                stop.set()
+                await asyncio.wait_for(task, 10)
+    assert sent(gamma_rec, "remove", GEO) == Counter(dict.fromkeys(members, 1))
+    assert sent(acme_rec, "remove", SOCAL) == Counter(dict.fromkeys(local, 1))
+    assert sent(gamma_rec, "add", GEO) == Counter(dict.fromkeys(members, 1))
+    assert gamma_rec.violations == []
+    assert acme_rec.violations == []
+    assert gamma_rec.duplicates == []
+    assert gamma_rec.order == list(range(1, len(gamma_rec.order) + 1))
+    assert holding(gamma_rec, INTENT) == intent | set(late) | {"after-pause"}
+
+
+def clickers_partner(url: str) -> str:
+    """A partner granted only the backfilled segment, under its own id for it."""
+    return (
+        "partners:\n"
+        "  - partner_id: clk-dsp\n"
+        "    kind: dsp\n"
+        f"    api_key_sha256: {hash_api_key('clk-key-0005')}\n"
+        "    granted_segments: [clickers]\n"
+        "    segment_id_map: {clickers: clk-1}\n"
+        "    output_format: ids\n"
+        "    segtax: 700\n"
+        "    data_provider_id: dmp.example\n"
+        "    data_provider_name: Example DMP\n"
+        "    max_segments: 5\n"
+        "    user_id_sources: [cookie]\n"
+        f"    destination: {{kind: http, url: '{url}', batch_size: 5, interval_seconds: 0.05}}\n"
+    )
+
+
+async def test_a_backfilled_segment_reaches_its_destination_whole_when_it_goes_live(
+    settings: Settings,
+    rules: CompiledRules,
+    start_ingest: StartIngest,
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+) -> None:
+    """`dmp rules backfill` fills clickers from Kafka's history while it is paused, then
+    makes it live: the partner gets every member, history and live alike, once."""
+    topic = settings.kafka.topic
+    versions = RuleVersions(redis_client, settings.redis.key_prefix)
+    await versions.apply(ACTIVE, "v1.yaml")
+    await start_ingest()
+    history = [f"hist-{n}" for n in range(12)]
+    once = [f"once-{n}" for n in range(4)]  # one click: never a member
+    events = [click(u, age) for u in history for age in (5, 3)] + [click(u, 4) for u in once]
+    events.sort(key=lambda e: e["ts"])
+    await produce_at_event_time(producer, topic, events)
+    marks = [PartitionKeys(settings.redis.key_prefix, topic, p) for p in range(2)]
+
+    async def applied() -> int:
+        raws = [await redis_client.get(k.offset) for k in marks]
+        return sum(int(r) for r in raws if r is not None)
+
+    async with asyncio.timeout(20):
+        while await applied() < len(events):
+            await asyncio.sleep(0.05)
+    await versions.apply(V2, "v2.yaml")  # clickers (and engaged) paused
+    async with asyncio.timeout(10):
+        while not all([await redis_client.hexists(k.rules_from, "2") for k in marks]):
+            await asyncio.sleep(0.05)
+    live = [f"live-{n}" for n in range(5)]  # members from live events, while paused
+    await produce_at_event_time(producer, topic, [click(u, a) for u in live for a in (0.2, 0.1)])
+
+    rec = Receiver()
+    async with serving(rec) as url:
+        path = write_partners(tmp_path / "partners.yaml", clickers_partner(url))
+        s = replace(
+            settings,
+            partners_path=path,
+            partner=replace(settings.partner, reload_poll_seconds=0.05),
+        )
+        partners = PartnerRegistry(path, PartnerMetrics.create(CollectorRegistry()))
+        partners.load()
+        async with aiohttp.ClientSession() as session:
+            service = DestinationService(
+                s, rules, redis_client, partners, DestinationMetrics.create(), session
+            )
+            stop = asyncio.Event()
+            task = asyncio.create_task(service.run(stop))
+            try:
+                await wait_until(lambda: bool(service.running), 10, "the exporter")
+                await asyncio.sleep(1.0)  # paused: live members are built, not sent
+                assert rec.bodies == {}
+                code, out, err = await dmp_cli(
+                    settings, "rules", "backfill", "clickers", "--days", "8"
+                )
+                assert code == 0, err
+                assert "version 3 is live: 'clickers' active" in out
+                members = set(history + live)
+                await eventually(lambda: holding(rec, "clk-1") == members, "the whole audience")
+                await asyncio.sleep(0.3)  # nothing more may arrive
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 10)
+    assert sent(rec, "add", "clk-1") == Counter(dict.fromkeys(members, 1))
+    assert rec.violations == []
+    assert rec.duplicates == []
+
+
+async def test_a_switch_survives_an_exporter_crash_mid_way_without_loss_or_duplicates(
+    settings: Settings,
+    start_ingest: StartIngest,
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+) -> None:
+    """The members at the switch take four batches; the exporter dies after the receiver
+    applied the second but before it heard back. A new exporter resends that batch (the
+    receiver drops it by its key) and finishes the switch: every member once."""
+    paused = CompiledRules(parse_rules(PAUSED))
+    active = CompiledRules(parse_rules(ACTIVE))
+    await RuleVersions(redis_client, settings.redis.key_prefix).apply(PAUSED, "paused.yaml")
+    await start_ingest(r=paused)
+    both = [f"both-{i}" for i in range(8)]
+    await produce(producer, settings.kafka.topic, [e for u in both for e in la_views(u, 2)])
+    rec = Receiver()
+    metrics = DestinationMetrics.create()
+    async with serving(rec) as url, aiohttp.ClientSession() as session:
+        profile = gamma(f"{{kind: http, url: '{url}', batch_size: 2, interval_seconds: 0.05}}")
+        assert profile.destination is not None
+
+        def exporter(rules: CompiledRules) -> Exporter:
+            assert profile.destination is not None
+            return Exporter(
+                redis_client,
+                profile,
+                rules,
+                HttpSink(profile.destination, session),
+                metrics,
+                prefix=settings.redis.key_prefix,
+                state_prefix="dest",
+                topic=settings.kafka.topic,
+            )
+
+        first = exporter(paused)
+        stop = asyncio.Event()
+        task = asyncio.create_task(first.run(stop))
+        await eventually(lambda: holding(rec, INTENT) == set(both), "intent adds")
+        await asyncio.sleep(0.2)
+        assert not holding(rec, GEO)
+        rec.hang_at_batch = len(rec.order) + 2
+        first.set_rules(active)  # what the service does when a version makes geo live
+        await asyncio.wait_for(rec.hanging.wait(), 20)
+        task.cancel()  # crash: the batch reached the receiver, the exporter never heard back
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        keys = DestinationKeys(settings.redis.key_prefix, "dest", "gamma-dsp")
+        pending: Any = await redis_client.hgetall(keys.pending)
+        assert int(pending[b"seq"]) == rec.hang_at_batch
+        assert b"step" in pending  # a batch of the switch
+        rec.release.set()
+
+        stop = asyncio.Event()
+        task = asyncio.create_task(exporter(active).run(stop))
+        try:
+            await eventually(lambda: holding(rec, GEO) == set(both), "every member's geo")
+            await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+    assert rec.duplicates == [f"gamma-dsp-{rec.hang_at_batch}"]
+    assert rec.violations == []
+    assert sent(rec, "add", GEO) == Counter(dict.fromkeys(both, 1))
+    assert rec.order == list(range(1, len(rec.order) + 1))
+    assert not await redis_client.exists(keys.switch, keys.pending)
+    assert not [k async for k in redis_client.scan_iter(match=f"{keys.switch}:*")]
+    live = orjson.loads(await redis_client.hget(keys.cursor, "#live") or b"[]")
+    assert "geo_socal" in live
+
+
+async def test_a_destination_down_at_the_go_live_sends_each_member_once(
+    settings: Settings,
+    start_ingest: StartIngest,
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+) -> None:
+    """The exporter is stopped; geo members keep joining (and one leaves) while it is
+    down, then geo goes live. Started again, it is behind the cut: the entries it missed
+    are read as paused, then the members at the cut go out, once each."""
+    paused = CompiledRules(parse_rules(PAUSED))
+    active = CompiledRules(parse_rules(ACTIVE))
+    await RuleVersions(redis_client, settings.redis.key_prefix).apply(PAUSED, "paused.yaml")
+    await start_ingest(r=paused)
+    topic = settings.kafka.topic
+    early = [f"early-{i}" for i in range(4)]
+    await produce(producer, topic, [e for u in early for e in la_views(u, 2)])
+    rec = Receiver()
+    async with serving(rec) as url, aiohttp.ClientSession() as session:
+        profile = gamma(f"{{kind: http, url: '{url}', batch_size: 3, interval_seconds: 0.05}}")
+        assert profile.destination is not None
+        sink = HttpSink(profile.destination, session)
+        options: dict[str, Any] = {
+            "prefix": settings.redis.key_prefix,
+            "state_prefix": "dest",
+            "topic": topic,
+        }
+        stop = asyncio.Event()
+        metrics = DestinationMetrics.create()
+        task = asyncio.create_task(
+            Exporter(redis_client, profile, paused, sink, metrics, **options).run(stop)
+        )
+        await eventually(lambda: holding(rec, INTENT) == set(early), "intent adds")
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+        # While it is down: joins (and a leave) of the paused segment, then the go-live.
+        down = [f"down-{i}" for i in range(5)]
+        await produce(producer, topic, [e for u in down for e in la_views(u, 2)])
+        await produce(producer, topic, [new_car_view("brief", 30 - 4 / DAY)])
+        want = set(early + down)
+        async with asyncio.timeout(20):
+            while await geo_members(redis_client, settings) != want:
+                await asyncio.sleep(0.1)
+        assert "brief" in await ever_added(redis_client, settings, "geo_socal")
+
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            Exporter(redis_client, profile, active, sink, metrics, **options).run(stop)
+        )
+        try:
+            await eventually(lambda: holding(rec, GEO) == want, "every member's geo")
+            await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+    assert sent(rec, "add", GEO) == Counter(dict.fromkeys(want, 1))
+    assert sent(rec, "remove", GEO) == Counter()
+    assert holding(rec, INTENT) == set(early + down)
+    assert rec.violations == []
