@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal
@@ -29,6 +29,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from bidder_adapter.breaker import STATE_VALUES, CircuitBreaker
+from dmp.metrics import OUTCOME_HEADER
 
 log = logging.getLogger(__name__)
 Outcome = Literal["ok", "empty", "timeout", "error", "circuit_open", "no_time", "misdirected"]
@@ -104,6 +105,14 @@ class Misdirected:
     """A shard replica's 421: the cookie lives in shard ``shard`` (None: unreadable)."""
 
     shard: int | None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A call's decoded JSON (or Misdirected, or None) and the server's X-Dmp-Outcome."""
+
+    doc: object
+    outcome: str | None = None
 
 
 class DmpClient:
@@ -190,12 +199,26 @@ class DmpClient:
 
     async def call(self, method: str, path: str, body: bytes | None, budget: float) -> object:
         """The decoded JSON answer, a Misdirected, or None after counting why there is none."""
+        return (await self.call_answer(method, path, body, budget)).doc
+
+    async def call_answer(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        budget: float,
+        *,
+        expected_owners: Collection[int] = (),
+    ) -> Answer:
+        """As `call`, with the outcome header. A 421 naming one of ``expected_owners`` was
+        asked for on purpose (bidder_adapter/sharded_enrich.py puts another shard's cookie
+        in some requests): an answer, counted as empty, not as a routing error."""
         if budget <= 0:
             self.count("no_time")
-            return None
+            return Answer(None)
         if not self.breaker.allow():
             self.count("circuit_open")
-            return None
+            return Answer(None)
         await self.start()
         assert self._session is not None
         started = time.perf_counter()
@@ -206,26 +229,28 @@ class DmpClient:
                 ) as response:
                     raw = await response.read()
                     status = response.status
+                    outcome = response.headers.get(OUTCOME_HEADER)
                     if status == MISDIRECTED:
                         # A healthy server that is the wrong shard: not a failure of it.
                         self.breaker.success()
                         self.metrics.seconds.observe(time.perf_counter() - started)
-                        self.count("misdirected")
-                        return Misdirected(_owner(raw))
+                        owner = _owner(raw)
+                        self.count("empty" if owner in expected_owners else "misdirected")
+                        return Answer(Misdirected(owner), outcome)
                     if status != 200:
                         raise _BadAnswer(f"HTTP {status}")
             doc = orjson.loads(raw)
         except TimeoutError:
             self._failed("timeout", started)
-            return None
+            return Answer(None)
         except (aiohttp.ClientError, orjson.JSONDecodeError, _BadAnswer, OSError) as exc:
             log.debug("dmp call failed: %s", exc)
             self._failed("error", started)
-            return None
+            return Answer(None)
         self.breaker.success()
         self.metrics.seconds.observe(time.perf_counter() - started)
         self.count("ok" if doc else "empty")
-        return doc
+        return Answer(doc, outcome)
 
     def _failed(self, outcome: Outcome, started: float) -> None:
         self.breaker.failure()

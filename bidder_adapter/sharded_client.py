@@ -8,13 +8,16 @@
     async with ShardedDmpClient(config) as dmp:
         ids = await dmp.segments("cookie-id")
         many = await dmp.segments_batch(["a", "b", "c"])  # split by shard, asked at once
+        fragment = await dmp.enrich(bid_request)  # each id asked of its own shard
 
 URL ``n`` is the replica started with ``DMP_LOOKUP_SHARD=n/len(shard_urls)``. A cookie goes to
 the shard of the partition Kafka's default partitioner gives its events (dmp/shards.py), so
 no directory is needed. A lookup that reaches the wrong shard anyway (a buyeruid, which only
-the match table resolves; a request whose first id is another shard's) gets 421 naming the
-owner, and is sent there once while the deadline allows. Each shard has its own
-connection pool and circuit breaker: one shard down empties only its users' answers.
+the match table resolves; a client configured with the wrong partition count) gets 421
+naming the owner, and is sent there once while the deadline allows. A bid request whose ids
+live in several shards is answered as one replica holding them all would answer
+(bidder_adapter/sharded_enrich.py). Each shard has its own connection pool and circuit
+breaker: one shard down empties only its users' answers.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
+from bidder_adapter import jsonio
 from bidder_adapter.client import (
     BATCH_PATH,
     ClientConfig,
@@ -40,6 +44,8 @@ from bidder_adapter.client import (
     partner_ids,
     user_path,
 )
+from bidder_adapter.sharded_enrich import Reply, ShardedEnrich, slots_of
+from bidder_adapter.sync import valid_cookie_id
 from dmp.shards import shard_of
 
 
@@ -72,6 +78,11 @@ class ShardedDmpClient:
             for n, url in enumerate(config.shard_urls)
         ]
         self._spread = itertools.cycle(range(len(self.shards)))  # ids we cannot route
+        self._across = (
+            ShardedEnrich(len(self.shards), self.shard_for, self._ask)
+            if len(self.shards) > 1
+            else None
+        )
 
     async def __aenter__(self) -> ShardedDmpClient:
         await self.start()
@@ -144,17 +155,41 @@ class ShardedDmpClient:
         tmax_ms: float | None = None,
         uid: str | None = None,
     ) -> dict[str, Any]:
-        """The enrich fragment, asked of the shard of ``uid`` (else of ``user.id``), or {}."""
+        """The enrich fragment one replica holding every shard would give, or {}.
+
+        Ids all in one shard: that shard is asked. Ids in several (or a buyeruid next to a
+        cookie id): each id is asked of its own shard and the answers merged
+        (bidder_adapter/sharded_enrich.py), all within the one deadline.
+        """
         parsed = None if isinstance(request, bytes) else request
         body = encode_request(request)
         if body is None:
             self.shards[0].count("error")
             return {}
-        hint = uid if uid is not None else _user_id(parsed)
-        shard = self.shard_for(hint) if hint is not None else next(self._spread)
-        budget = self.shards[shard].budget(tmax_ms, parsed)
-        doc = await self._routed(shard, "POST", enrich_path(uid), body, budget)
-        return doc if isinstance(doc, dict) else {}
+        budget = self.shards[0].budget(tmax_ms, parsed)
+        doc = _readable(request, uid)
+        slots = slots_of(doc, uid) if doc is not None else []
+        if doc is not None and self._across is not None and self._across.spans_shards(slots):
+            return await self._across.enrich(doc, slots, time.monotonic() + budget)
+        # One shard holds every cookie id (a lone buyeruid: any shard, then the 421's owner).
+        # Unreadable requests go anywhere too, to be refused there as DmpClient's would be.
+        cookies = [s.value for s in slots if s.group != "buyeruid"]
+        shard = self.shard_for(cookies[0]) if cookies else next(self._spread)
+        found = await self._routed(shard, "POST", enrich_path(uid), body, budget)
+        return found if isinstance(found, dict) else {}
+
+    async def _ask(
+        self, shard: int, body: bytes, uid: str | None, left: float, owners: Collection[int]
+    ) -> Reply:
+        """One call of a cross-shard enrich, where a 421 from ``owners`` is an answer."""
+        answer = await self.shards[shard].call_answer(
+            "POST", enrich_path(uid), body, left, expected_owners=owners
+        )
+        if isinstance(answer.doc, Misdirected):
+            return Reply(owner=answer.doc.shard)
+        if isinstance(answer.doc, dict):
+            return Reply(answer.doc, answer.outcome)
+        return Reply()
 
     def _budget(self, tmax_ms: float | None) -> float:
         return self.shards[0].budget(tmax_ms)
@@ -176,7 +211,15 @@ class ShardedDmpClient:
         return doc
 
 
-def _user_id(request: Mapping[str, Any] | None) -> str | None:
-    user = request.get("user") if request is not None else None
-    uid = user.get("id") if isinstance(user, Mapping) else None
-    return uid if isinstance(uid, str) and uid else None
+def _readable(request: Mapping[str, Any] | bytes, uid: str | None) -> Mapping[str, Any] | None:
+    """The request as the server will read it, or None when the server will refuse it
+    (not a JSON object, or a ``uid`` that is not a cookie id: 400, whichever shard)."""
+    if uid is not None and not valid_cookie_id(uid):
+        return None
+    if not isinstance(request, bytes):
+        return request
+    try:
+        doc = jsonio.loads(request)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None

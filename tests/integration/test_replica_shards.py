@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
@@ -193,10 +194,19 @@ def _uids() -> Iterator[str]:
     return (f"demo-{n:05d}" for n in range(COOKIES))  # dmp.demo_events' cookie ids
 
 
-async def test_two_shards_answer_every_cookie_as_one_full_replica(
-    sharded_settings: Settings, services: Services, redis_client: aioredis.Redis
-) -> None:
-    settings = sharded_settings
+@dataclass
+class Stack:
+    """`dmp ingest`, a full replica and shards 0/2 and 1/2, before the demo stream."""
+
+    ingest: Service
+    full: Service
+    shards: list[Service]
+    uids: list[str]
+    owner: dict[str, int]  # every demo and unknown cookie -> its shard
+    split: list[int]  # demo cookies per shard
+
+
+def _start(services: Services) -> Stack:
     ingest = services.start("ingest", "ingest")
     full = services.lookup("full", "", snapshot_interval=0)
     shards = [services.lookup(f"shard{n}", f"{n}/2", snapshot_interval=1) for n in range(2)]
@@ -205,6 +215,25 @@ async def test_two_shards_answer_every_cookie_as_one_full_replica(
     split = [sum(1 for uid in uids if owner[uid] == n) for n in range(2)]
     assert min(split) > COOKIES // 3  # the cookies really are spread over both shards
     assert {partition_of(uid, PARTITIONS) for uid in uids} == set(range(PARTITIONS))
+    return Stack(ingest, full, shards, uids, owner, split)
+
+
+async def _fill(http: aiohttp.ClientSession, stack: Stack, settings: Settings) -> None:
+    """The demo stream in, and every replica holding what it should."""
+    sent = await produce_demo(settings.kafka.bootstrap, settings.kafka.topic, COOKIES, 7)
+    assert sent > COOKIES
+    await _wait_gauge(http, stack.full, "dmp_replica_cookies", COOKIES, 60)
+    for n, shard in enumerate(stack.shards):
+        await _wait_gauge(http, shard, "dmp_replica_cookies", stack.split[n], 30)
+
+
+async def test_two_shards_answer_every_cookie_as_one_full_replica(
+    sharded_settings: Settings, services: Services, redis_client: aioredis.Redis
+) -> None:
+    settings = sharded_settings
+    stack = _start(services)
+    ingest, full, shards = stack.ingest, stack.full, stack.shards
+    uids, owner, split = stack.uids, stack.owner, stack.split
 
     async with aiohttp.ClientSession() as http:
         for service in (full, *shards):
@@ -219,12 +248,8 @@ async def test_two_shards_answer_every_cookie_as_one_full_replica(
                 await response.text()
             )
 
-        sent = await produce_demo(settings.kafka.bootstrap, settings.kafka.topic, COOKIES, 7)
-        assert sent > COOKIES
-        # Every cookie reached the full replica; each shard holds exactly its own.
-        await _wait_gauge(http, full, "dmp_replica_cookies", COOKIES, 60)
-        for n, shard in enumerate(shards):
-            await _wait_gauge(http, shard, "dmp_replica_cookies", split[n], 30)
+        # Every cookie reaches the full replica; each shard holds exactly its own.
+        await _fill(http, stack, settings)
         memberships = [await _gauge(http, s, "dmp_replica_memberships") for s in (full, *shards)]
         assert memberships[0] == (memberships[1] or 0) + (memberships[2] or 0) > 0
 
@@ -313,3 +338,121 @@ async def test_two_shards_answer_every_cookie_as_one_full_replica(
                 got = await _get(http, f"{again.url}/v1/users/{uid}/segments")
                 assert got[:2] == want[:2]
     assert ingest.proc.poll() is None, ingest.log.read_text()[-3000:]
+
+
+# What dmp.demo_events makes of cookie n (by n % 3), and what each test partner sees of it
+# (tests/bidder_adapter/partner_yaml.py: acme intent and the composite, beta geo only).
+KINDS = ("all", "intent", "geo")
+SEEN_BY = {ACME_KEY: {"all", "intent"}, BETA_KEY: {"all", "geo"}}
+OURS = "dmp.example"  # beta-ssp's eids source
+
+
+def _kind(uid: str) -> str:
+    return "unknown" if uid in UNKNOWN else KINDS[int(uid.removeprefix("demo-")) % 3]
+
+
+def _eids(*uids: str) -> list[dict[str, Any]]:
+    return [{"source": OURS, "uids": [{"id": uid} for uid in uids]}]
+
+
+def _cases(picks: list[list[str]]) -> Iterator[tuple[str, dict[str, Any], str | None, str, str]]:
+    """(partner key, request, uid parameter, id read first, id read second) with the two
+    ids in different shards, in every place each partner reads ids from."""
+    for a_shard in range(2):
+        for a in picks[a_shard]:
+            for b in picks[1 - a_shard]:
+                user_a = {"tmax": 2000, "user": {"id": a}}
+                # beta-ssp reads user.id and `uid` (cookie), then the eids of dmp.example.
+                yield BETA_KEY, {"tmax": 2000, "user": {"id": a, "eids": _eids(b)}}, None, a, b
+                yield BETA_KEY, {"tmax": 2000, "user": {"ext": {"eids": _eids(a, b)}}}, None, a, b
+                yield BETA_KEY, user_a, b, a, b
+                yield BETA_KEY, {"tmax": 2000, "user": {"eids": _eids(b)}}, a, a, b
+                # acme-dsp reads buyeruid (our match table) first, then the cookie.
+                yield ACME_KEY, user_a, b, a, b
+                bid = {"tmax": 2000, "user": {"buyeruid": f"bu-{a}", "id": b}}
+                yield ACME_KEY, bid, None, a, b
+
+
+async def test_enrich_with_ids_in_two_shards_equals_one_full_replica(
+    sharded_settings: Settings, services: Services
+) -> None:
+    """A bid request whose ids live in different shards gets, through the sharded client,
+    the answer of one replica holding every cookie: the first id the partner reads that is
+    in any segment decides, whichever shard holds it."""
+    stack = _start(services)
+    full, shards = stack.full, stack.shards
+    async with aiohttp.ClientSession() as http:
+        for service in (full, *shards):
+            await _wait_ready(http, service, 60)
+        await _fill(http, stack, sharded_settings)
+        # Two cookies of each kind in each shard, and one never seen.
+        picks: list[list[str]] = [[], []]
+        for kind in KINDS:
+            for shard in range(2):
+                mine = (u for u in stack.uids if stack.owner[u] == shard and _kind(u) == kind)
+                picks[shard] += [next(mine), next(mine)]
+        for shard in range(2):
+            picks[shard].append(next(u for u in UNKNOWN if stack.owner[u] == shard))
+        # The kinds are what the demo stream made (checked, not assumed).
+        held = {
+            "all": {"auto_new_car_intent", "geo_socal", "new_car_socal"},
+            "intent": {"auto_new_car_intent"},
+            "geo": {"geo_socal"},
+            "unknown": set(),
+        }
+        for uid in picks[0] + picks[1]:
+            _, body, _ = await _get(http, f"{full.url}/v1/users/{uid}/segments")
+            assert set(body["segments"]) == held[_kind(uid)], (uid, body)
+        # acme-dsp's buyeruid bu-<cookie> is that cookie in our match table, everywhere.
+        synced = picks[0] + picks[1]
+        for uid in synced:
+            async with http.get(
+                f"{full.url}/v1/sync/acme-dsp/setuid?uid=bu-{uid}", cookies={"dmp_uid": uid}
+            ) as response:
+                assert response.status == 200, await response.text()
+        for service in (full, *shards):
+            await _wait_gauge(http, service, "dmp_match_table_entries", len(synced), 30)
+
+        registry = CollectorRegistry()
+        metrics = ClientMetrics.create(registry)
+        clients: dict[str, tuple[DmpClient, ShardedDmpClient]] = {}
+        for key in (ACME_KEY, BETA_KEY):
+            config = ClientConfig("", key, default_tmax_ms=2000)
+            clients[key] = (
+                DmpClient(replace(config, base_url=full.url)),
+                ShardedDmpClient(
+                    ShardedClientConfig(tuple(s.url for s in shards), PARTITIONS, key, config),
+                    metrics,
+                ),
+            )
+        answered = second_decides = blocked = 0
+        try:
+            for n, (key, request, param, first, second) in enumerate(_cases(picks)):
+                single, sharded = clients[key]
+                want = await single.enrich(request, uid=param)
+                # Every third request as bytes, as a bidder holding the raw body sends it.
+                asked = orjson.dumps(request) if n % 3 == 0 else request
+                got = await sharded.enrich(asked, uid=param)
+                assert got == want, (key[:4], request, param, _kind(first), _kind(second))
+                answered += bool(want)
+                # What routing by the first id alone could not answer: the second id's data...
+                second_decides += bool(want) and _kind(first) == "unknown"
+                # ...or nothing, because the first id is in segments this partner cannot see.
+                blocked += not want and _kind(first) not in ("unknown", *SEEN_BY[key])
+            # Below the minimum tmax nothing is added, whatever the ids.
+            request = {"tmax": 5, "user": {"id": picks[0][0], "eids": _eids(picks[1][0])}}
+            assert await clients[BETA_KEY][1].enrich(request) == {}
+        finally:
+            for single, sharded in clients.values():
+                await single.close()
+                await sharded.close()
+        # The cases really reached what routing by the first id alone got wrong.
+        assert answered > 100, answered
+        assert second_decides > 10, second_decides
+        assert blocked > 10, blocked
+        # The 421s asked for on purpose are answers, not routing errors.
+        assert registry.get_sample_value("dmp_client_calls_total", {"outcome": "misdirected"}) == 0
+        empty = registry.get_sample_value("dmp_client_calls_total", {"outcome": "empty"})
+        assert empty is not None
+        assert empty > 100
+    assert stack.ingest.proc.poll() is None, stack.ingest.log.read_text()[-3000:]
