@@ -74,6 +74,7 @@ class Services:
             "DMP_KAFKA_GROUP_ID": settings.kafka.group_id,
             "DMP_KAFKA_PARTITIONS": str(settings.kafka.partitions),
             "DMP_REDIS_URL": settings.redis.url,
+            "DMP_REDIS_CLUSTER": "1" if settings.redis.cluster else "0",
             "DMP_REDIS_KEY_PREFIX": settings.redis.key_prefix,
             "DMP_RULES_PATH": str(settings.rules_path),
             "DMP_PARTNERS_PATH": str(write_partners(folder / "partners.yaml", partner_yaml())),
@@ -355,6 +356,18 @@ def _eids(*uids: str) -> list[dict[str, Any]]:
     return [{"source": OURS, "uids": [{"id": uid} for uid in uids]}]
 
 
+def _picks(stack: Stack) -> list[list[str]]:
+    """Per shard: two cookies of each kind, and one never seen."""
+    picks: list[list[str]] = [[], []]
+    for kind in KINDS:
+        for shard in range(2):
+            mine = (u for u in stack.uids if stack.owner[u] == shard and _kind(u) == kind)
+            picks[shard] += [next(mine), next(mine)]
+    for shard in range(2):
+        picks[shard].append(next(u for u in UNKNOWN if stack.owner[u] == shard))
+    return picks
+
+
 def _cases(picks: list[list[str]]) -> Iterator[tuple[str, dict[str, Any], str | None, str, str]]:
     """(partner key, request, uid parameter, id read first, id read second) with the two
     ids in different shards, in every place each partner reads ids from."""
@@ -385,14 +398,7 @@ async def test_enrich_with_ids_in_two_shards_equals_one_full_replica(
         for service in (full, *shards):
             await _wait_ready(http, service, 60)
         await _fill(http, stack, sharded_settings)
-        # Two cookies of each kind in each shard, and one never seen.
-        picks: list[list[str]] = [[], []]
-        for kind in KINDS:
-            for shard in range(2):
-                mine = (u for u in stack.uids if stack.owner[u] == shard and _kind(u) == kind)
-                picks[shard] += [next(mine), next(mine)]
-        for shard in range(2):
-            picks[shard].append(next(u for u in UNKNOWN if stack.owner[u] == shard))
+        picks = _picks(stack)
         # The kinds are what the demo stream made (checked, not assumed).
         held = {
             "all": {"auto_new_car_intent", "geo_socal", "new_car_socal"},
