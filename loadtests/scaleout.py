@@ -13,6 +13,13 @@
    here), so the ratio shows what a second core buys, not linear scaling.
 
 Writes results/scaleout.json and scaleout.png, prints the tables.
+
+    python -m loadtests.scaleout --mode shards [--shard-cookies 200000] [--runs 3]
+
+3. Shards (only this, with ``--mode shards``; loadtests/shard_latency.py): lookups/s and
+   p50/p99/p99.9 through ``ShardedDmpClient`` against two shard replicas versus a
+   ``DmpClient`` against one unsharded replica, same store, interleaved ``--runs`` times.
+   Writes results/scaleout_shards.json and scaleout_shards.png.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any
 import redis
 
 from dmp.keys import PartitionKeys
+from loadtests import shard_latency
 from loadtests.common import (
     REPO,
     RESULTS,
@@ -156,9 +164,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--taxonomy", type=Path, default=TAXONOMY)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--mode",
+        choices=("ingest-lookup", "shards"),
+        default="ingest-lookup",
+        help="shards: the sharded client against two shard replicas (loadtests/shard_latency.py)",
+    )
+    parser.add_argument("--shard-cookies", type=int, default=200_000)
+    parser.add_argument("--shard-segments", type=int, default=100)
+    parser.add_argument("--shard-prefix", default="lt-so-shards")
+    parser.add_argument("--shard-duration", type=float, default=4.0, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop tasks")
+    parser.add_argument("--rate-fraction", type=float, default=0.25, help="open loop: x single")
+    parser.add_argument("--shard-check", type=int, default=2000, help="lookups compared first")
     args = parser.parse_args(argv)
 
     redis_url, bootstrap = stack_urls()
+    if args.mode == "shards":
+        return shard_latency.run(
+            shard_latency.Options(
+                cookies=args.shard_cookies,
+                segments=args.shard_segments,
+                partitions=args.partitions,
+                runs=args.runs,
+                duration=args.shard_duration,
+                concurrency=args.concurrency,
+                rate_fraction=args.rate_fraction,
+                check=args.shard_check,
+                prefix=args.shard_prefix,
+                topic="lt.events",
+                seed=args.seed,
+                taxonomy=args.taxonomy,
+                results=args.results,
+                ready_timeout=args.timeout,
+            ),
+            redis_url,
+        )
     client = redis.Redis.from_url(redis_url)
     world = World(seed=args.seed, taxonomy=args.taxonomy)
     work = Path(tempfile.mkdtemp(prefix="lt-scaleout-"))

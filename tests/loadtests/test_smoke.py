@@ -109,3 +109,28 @@ def test_scaleout_smoke(prefix: str, tmp_path: Path) -> None:
     assert doc["ingest"]["final_state_equal"] == [True]
     assert _positive(doc["ingest"]["ratio"])
     assert _positive(doc["lookup"]["ratio"])
+
+
+def test_scaleout_shards_smoke(prefix: str, tmp_path: Path) -> None:
+    scaleout.main(
+        [
+            *("--mode", "shards", "--shard-prefix", prefix),
+            *("--shard-cookies", "5000", "--shard-segments", "20", "--runs", "1"),
+            *("--shard-duration", "0.5", "--shard-check", "200", "--results", str(tmp_path)),
+        ]
+    )
+    doc = _result(tmp_path, "scaleout_shards")
+    # The sharded client's answers were compared with the single replica's before measuring.
+    assert doc["budgets"] == {
+        "sharded_lookups_equal_single": True,
+        "sharded_enrich_equal_single": True,
+        "no_failed_calls": True,
+    }
+    assert doc["checks"]["lookups"] > 50
+    assert doc["checks"]["enrich_requests"] == 20
+    for kind in ("closed", "open", "enrich_known", "enrich_new"):
+        for client in ("single", "sharded"):
+            m = doc["medians"][kind][client]
+            assert _positive(m["per_s"])
+            assert 0 < m["p50_ms"] <= m["p99_ms"] <= m["p99.9_ms"] <= m["max_ms"]
+        assert _positive(doc["ratios_sharded_over_single"][kind]["per_s"])
