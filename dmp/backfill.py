@@ -70,11 +70,16 @@ class Backfill:
         client: aioredis.Redis,
         out: TextIO,
         clock: Callable[[], float] = time.time,
+        *,
+        chunk_events: int = CHUNK_EVENTS,
     ) -> None:
+        if chunk_events < 1:
+            raise ValueError(f"chunk_events must be 1 or more, got {chunk_events}")
         self.settings = settings
         self.client = client
         self.out = out
         self.clock = clock
+        self.chunk_events = chunk_events
         self.versions = RuleVersions(client, settings.redis.key_prefix)
 
     def _keys(self, tp: TopicPartition) -> PartitionKeys:
@@ -298,7 +303,8 @@ class Backfill:
     ) -> None:
         """All of one partition's history in one transaction: whole, or not at all."""
         keys = self._keys(tp)
-        chunks = [events[i : i + CHUNK_EVENTS] for i in range(0, len(events), CHUNK_EVENTS)]
+        size = self.chunk_events
+        chunks = [events[i : i + size] for i in range(0, len(events), size)]
         if not chunks:
             chunks = [[]]  # an empty stage still tells the owner to mark the job merged
         manifest = Manifest(

@@ -60,14 +60,19 @@ class RuleVersions:
 
     async def rollback(self, to: int | None = None) -> RuleVersion:
         """Re-apply version ``to`` (default: the one before the active one) as a new number."""
-        active = await self.active_number()
+        _, old = await self.rollback_target(to)
+        return await self.apply(old.text, f"rollback to {old.number} ({old.source})")
+
+    async def rollback_target(self, to: int | None = None) -> tuple[RuleVersion, RuleVersion]:
+        """(the active version, the one a rollback to ``to`` would apply again)."""
+        active = await self.active()
         if active is None:
             raise LookupError("no rule version has been applied yet")
-        target = to if to is not None else active - 1
+        target = to if to is not None else active.number - 1
         old = await self.get(target)
         if old is None:
             raise LookupError(f"there is no rule version {target}")
-        return await self.apply(old.text, f"rollback to {target} ({old.source})")
+        return active, old
 
     async def active_number(self) -> int | None:
         raw = await self.client.get(self._active)

@@ -12,13 +12,21 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from dmp.audience import Audience
-from dmp.backfill import Backfill, Report
+from dmp.backfill import CHUNK_EVENTS, Backfill, Report
 from dmp.backfill_job import BackfillError
+from dmp.backfill_status import going_live, unfinished_backfills
 from dmp.config import Settings
 from dmp.redis_client import connect
 from dmp.rule_tests import load_cases, run_case
 from dmp.rule_versions import RuleVersions, describe_ruleset, diff_rules
-from segment_rules import CompiledRules, RuleFileError, explain, load_rules_file, parse_rules
+from segment_rules import (
+    CompiledRules,
+    RuleFileError,
+    RuleSet,
+    explain,
+    load_rules_file,
+    parse_rules,
+)
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -26,6 +34,7 @@ Command = Callable[[argparse.Namespace, Settings], int]
 def add_rules_commands(rules_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = rules_sub.add_parser("apply", help="validate a file and make it the live version")
     p.add_argument("file")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(func=_sync(_apply))
     p = rules_sub.add_parser("versions", help="list applied versions (* = live)")
     p.set_defaults(func=_sync(_versions))
@@ -34,6 +43,7 @@ def add_rules_commands(rules_sub: argparse._SubParsersAction[argparse.ArgumentPa
     p.set_defaults(func=_sync(_diff))
     p = rules_sub.add_parser("rollback", help="make an earlier version live again")
     p.add_argument("--to", type=int, help="version number (default: the one before the live one)")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(func=_sync(_rollback))
     p = rules_sub.add_parser("test", help="run ad-ops rule test cases (YAML); exit 1 on a failure")
     p.add_argument("files", nargs="+")
@@ -62,7 +72,24 @@ def add_rules_commands(rules_sub: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument(
         "--merge-timeout", type=float, default=600.0, help="seconds to wait for ingest to merge"
     )
+    p.add_argument(
+        "--chunk-events",
+        type=_positive,
+        default=CHUNK_EVENTS,
+        help="history events per merge transaction (each holds up its partition's ingest "
+        f"about as long as a batch of that many events; default {CHUNK_EVENTS:,})",
+    )
     p.set_defaults(func=_backfill)
+
+
+_FORCE_HELP = "make segments live even while a backfill of theirs is only partly merged"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def _sync(
@@ -97,11 +124,45 @@ async def _live_rules(settings: Settings, client: aioredis.Redis) -> CompiledRul
     return CompiledRules(load_rules_file(settings.rules_path))
 
 
+async def _half_backfilled(
+    settings: Settings, client: aioredis.Redis, live_text: str, ruleset: RuleSet
+) -> str | None:
+    """Why applying ``ruleset`` over ``live_text`` would put a half-merged segment live."""
+    before = parse_rules(live_text, "the live version").segments
+    live = going_live(
+        ((s.id, s.status) for s in before), ((s.id, s.status) for s in ruleset.segments)
+    )
+    if not live:
+        return None
+    unfinished = await unfinished_backfills(client, settings.redis.key_prefix, settings.kafka.topic)
+    blocked = [u for u in unfinished if u.segment in live]
+    if not blocked:
+        return None
+    lines = [
+        f"error: '{u.segment}' would go live half backfilled: {u.describe()}." for u in blocked
+    ]
+    names = sorted({u.segment for u in blocked})
+    segment = names[0] if len(names) == 1 else "SEGMENT"
+    again = "" if len(names) == 1 else f" (for each of {', '.join(names)})"
+    lines.append(
+        "Lookups and partners would get part of its audience, then the rest as it merges. "
+        f"Run `dmp rules backfill {segment} --days D` again{again}: it finishes the merge, "
+        "then makes the segment live. Nothing was changed; --force makes it live as it is."
+    )
+    return "\n".join(lines)
+
+
 async def _apply(args: argparse.Namespace, settings: Settings, client: aioredis.Redis) -> int:
     text = await asyncio.to_thread(Path(args.file).read_text, encoding="utf-8")
     versions = RuleVersions(client, settings.redis.key_prefix)
     active = await versions.active()
     changes = diff_rules(active.text, text) if active else ["+ (first version)"]
+    ruleset = parse_rules(text, args.file)  # refuse an invalid file before anything else
+    if active is not None and not args.force:
+        refusal = await _half_backfilled(settings, client, active.text, ruleset)
+        if refusal is not None:
+            print(refusal, file=sys.stderr)
+            return 1
     version = await versions.apply(text, args.file)
     print(
         f"applied {args.file} as version {version.number} ({describe_ruleset(parse_rules(text, args.file))})"
@@ -137,7 +198,15 @@ async def _diff(args: argparse.Namespace, settings: Settings, client: aioredis.R
 
 
 async def _rollback(args: argparse.Namespace, settings: Settings, client: aioredis.Redis) -> int:
-    version = await RuleVersions(client, settings.redis.key_prefix).rollback(args.to)
+    versions = RuleVersions(client, settings.redis.key_prefix)
+    active, target = await versions.rollback_target(args.to)
+    if not args.force:
+        ruleset = parse_rules(target.text, f"rules v{target.number}")
+        refusal = await _half_backfilled(settings, client, active.text, ruleset)
+        if refusal is not None:
+            print(refusal, file=sys.stderr)
+            return 1
+    version = await versions.rollback(args.to)
     print(f"version {version.number} is live: {version.source}")
     return 0
 
@@ -188,7 +257,8 @@ def _backfill(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> Report:
         client = connect(settings.redis)
         try:
-            return await Backfill(settings, client, sys.stderr).run(
+            backfill = Backfill(settings, client, sys.stderr, chunk_events=args.chunk_events)
+            return await backfill.run(
                 args.segment, args.days, wait=args.wait, merge_timeout=args.merge_timeout
             )
         finally:

@@ -1,0 +1,24 @@
+"""Which segments a rule version would make live, and how an unfinished backfill is told."""
+
+from __future__ import annotations
+
+from dmp.backfill_status import Unfinished, going_live
+
+
+def test_going_live_is_active_now_and_not_before() -> None:
+    before = [("a", "active"), ("b", "paused"), ("c", "paused")]
+    after = [("a", "active"), ("b", "active"), ("c", "paused"), ("d", "active")]
+    assert going_live(before, after) == {"b", "d"}
+    assert going_live(after, before) == set()
+
+
+def test_an_unfinished_backfill_says_where_it_stands() -> None:
+    job = Unfinished("clickers@2", [0, 1, 2, 3], merged={0}, staged={1, 2})
+    assert job.segment == "clickers"
+    assert job.describe() == (
+        "backfill clickers@2 is merged on partitions [0] of [0, 1, 2, 3], "
+        "still merging on [1, 2], not staged on [3]"
+    )
+    refused = Unfinished("b@7", [0], staged={0}, errors=["partition 0: no traits"])
+    assert refused.segment == "b"
+    assert refused.describe().endswith("still merging on [0], refused: partition 0: no traits")
