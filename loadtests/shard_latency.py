@@ -22,7 +22,9 @@ versus ``DmpClient`` against one unsharded replica, same data, same run.
      two of our cookies, both in segments (two rounds, four calls), and an id we never saw
      (an exchange's) with our cookie in the eid (one round, two calls).
    The two shards share core 0, as the one full replica has it alone: the ratio is the cost
-   of the client's routing and fan-out, not the capacity a second machine would add.
+   of the client's routing and fan-out, not the capacity a second machine would add. The
+   client's CPU per call (this process's CPU time over the calls) is reported too: the
+   closed loop is bound by it.
 
 Writes results/scaleout_shards.json and scaleout_shards.png, prints the table.
 """
@@ -162,6 +164,7 @@ class Recorder:
         self.latency = HdrHistogram(LOWEST_US, HIGHEST_US, 3)
         self.lag = HdrHistogram(LOWEST_US, HIGHEST_US, 3)
         self.calls = 0
+        self.cpu = -time.process_time()  # this process: the client under test and the loop
 
     def record(self, seconds: float) -> None:
         self.latency.record_value(max(LOWEST_US, int(seconds * 1e6)))
@@ -171,6 +174,7 @@ class Recorder:
         out = {f"p{p:g}_ms": self.latency.get_value_at_percentile(p) / 1000 for p in PERCENTILES}
         out["max_ms"] = self.latency.get_max_value() / 1000
         out["per_s"] = self.calls / seconds
+        out["client_cpu_us_per_call"] = self.cpu / self.calls * 1e6 if self.calls else 0.0
         if self.lag.get_total_count():
             out["generator_lag_p99_ms"] = self.lag.get_value_at_percentile(99.0) / 1000
         return out
@@ -192,6 +196,7 @@ async def closed_loop(call: Call, concurrency: int, duration: float) -> Recorder
             i += concurrency
 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    recorder.cpu += time.process_time()
     return recorder
 
 
@@ -218,6 +223,7 @@ async def open_loop(call: Call, rate: float, duration: float) -> Recorder:
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
     await asyncio.gather(*in_flight)
+    recorder.cpu = float("nan")  # the generator spins before each start: not the client's
     return recorder
 
 
@@ -409,7 +415,7 @@ def summarise(opts: Options, measured: dict[str, Any], memberships: int) -> dict
     ratios = {
         kind: {
             k: medians[kind]["sharded"][k] / medians[kind]["single"][k]
-            for k in ("per_s", "p50_ms", "p99_ms", "p99.9_ms")
+            for k in ("per_s", "p50_ms", "p99_ms", "p99.9_ms", "client_cpu_us_per_call")
             if medians[kind]["single"][k] > 0
         }
         for kind in medians
@@ -445,11 +451,15 @@ def print_table(doc: dict[str, Any]) -> None:
     for kind, label in LABELS.items():
         for name in CLIENTS:
             m = doc["medians"][kind][name]
-            rows.append([label, name, m["per_s"], m["p50_ms"], m["p99_ms"], m["p99.9_ms"]])
+            cpu = m["client_cpu_us_per_call"]
+            rows.append([label, name, m["per_s"], m["p50_ms"], m["p99_ms"], m["p99.9_ms"], cpu])
         r = doc["ratios_sharded_over_single"][kind]
-        rows.append([label, "sharded/single", r["per_s"], r["p50_ms"], r["p99_ms"], r["p99.9_ms"]])
+        keys = ("per_s", "p50_ms", "p99_ms", "p99.9_ms", "client_cpu_us_per_call")
+        ratio = [r.get(k, float("nan")) for k in keys]
+        rows.append([label, "sharded/single", *ratio])
     print()
-    print(table(["what", "client", "calls/s", "p50 ms", "p99 ms", "p99.9 ms"], rows))
+    headers = ["what", "client", "calls/s", "p50 ms", "p99 ms", "p99.9 ms", "client CPU us/call"]
+    print(table(headers, rows))
     for name, met in doc["budgets"].items():
         print(f"{name}: {'met' if met else 'NOT met'}")
     print(f"failed calls: {doc['failed_calls']}")
