@@ -31,6 +31,7 @@ from dmp.match_table import MatchTable
 from dmp.match_table_follower import MatchTableFollower, MatchTableMetrics
 from dmp.metrics import LookupMetrics
 from dmp.privacy_follow import SuppressedSegments, SuppressionFollower, SuppressionList
+from dmp.redis_client import connect
 from dmp.replica import Replica
 from dmp.rule_versions import RuleVersions, RuleWatcher
 from segment_rules import CompiledRules
@@ -92,7 +93,7 @@ class EmbeddedDmp:
     async def __aenter__(self) -> EmbeddedDmp:
         s = self.settings
         stack = contextlib.AsyncExitStack()
-        client = aioredis.Redis.from_url(s.redis.url)
+        client = connect(s.redis)
         stack.push_async_callback(client.aclose)
         try:
             self.rules_follower = RulesFollower(

@@ -13,7 +13,6 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -52,6 +51,7 @@ from dmp.match_table_follower import MatchTableFollower, MatchTableMetrics
 from dmp.metrics import OUTCOME_HEADER, PARTNER_LABEL
 from dmp.observed_routes import RouteAdder
 from dmp.privacy_follow import SUPPRESSION, SuppressedSegments
+from dmp.redis_client import connect
 from dmp.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def setup_partner_routes(
 
 async def _partner_background(app: web.Application) -> AsyncIterator[None]:
     settings = app[PARTNER_SETTINGS]
-    client = aioredis.Redis.from_url(settings.redis.url)
+    client = connect(settings.redis)
     try:
         app[MATCH_STORE] = MatchTableStore(
             client,

@@ -19,6 +19,7 @@ from pyroaring import BitMap
 
 from dmp.cookie_state import CookieState
 from dmp.keys import PartitionKeys, partitions_key
+from dmp.redis_client import scan_batches
 from dmp.redis_types import as_bytes, as_str
 from segment_rules import CompiledRules
 from segment_rules.graph import evaluate_composite
@@ -78,16 +79,12 @@ class Audience:
         if seg.of is not None:
             return await self._evaluate(seg.of, keys)
         result = BitMap()
-        cursor = 0
         pattern = f"{keys.tag}:bm:{segment_id}:*"
-        while True:
-            cursor, batch = await self.client.scan(cursor, match=pattern, count=SCAN_COUNT)
-            if batch:
-                for raw in await self.client.mget(batch):
-                    if raw is not None:
-                        result |= BitMap.deserialize(as_bytes(raw))
-            if cursor == 0:
-                return result
+        async for batch in scan_batches(self.client, pattern, SCAN_COUNT):
+            for raw in await self.client.mget(batch):
+                if raw is not None:
+                    result |= BitMap.deserialize(as_bytes(raw))
+        return result
 
     async def _evaluate(self, expr: Composite, keys: PartitionKeys) -> BitMap:
         if isinstance(expr, SegmentRef):
@@ -128,23 +125,20 @@ class Audience:
         self._check(segment_id)
         seg = self._segments[segment_id]
         found: list[str] = []
+        if count <= 0:
+            return found
         for keys in await self.partitions():
-            cursor = 0
             prefix = f"{keys.tag}:c:"
-            while len(found) < count:
-                cursor, batch = await self.client.scan(cursor, match=prefix + "*", count=SCAN_COUNT)
-                if batch:
-                    raws: Any = await self.client.mget(batch)
-                    for key, raw in zip(batch, raws, strict=True):
-                        if raw is None:
-                            continue
-                        state = CookieState.decode(as_bytes(raw))
-                        if self._holds(seg.id, seg.of, state.members):
-                            found.append(as_str(key)[len(prefix) :])
-                            if len(found) == count:
-                                return found
-                if cursor == 0:
-                    break
+            async for batch in scan_batches(self.client, prefix + "*", SCAN_COUNT):
+                raws: Any = await self.client.mget(batch)
+                for key, raw in zip(batch, raws, strict=True):
+                    if raw is None:
+                        continue
+                    state = CookieState.decode(as_bytes(raw))
+                    if self._holds(seg.id, seg.of, state.members):
+                        found.append(as_str(key)[len(prefix) :])
+                        if len(found) == count:
+                            return found
         return found
 
     def _holds(self, segment_id: str, of: Composite | None, members: frozenset[str]) -> bool:

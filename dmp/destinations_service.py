@@ -20,6 +20,7 @@ from bidder_adapter.profiles import PartnerProfile
 from dmp.config import Settings
 from dmp.destinations import DestinationMetrics, Exporter
 from dmp.destinations_sinks import make_sink
+from dmp.redis_client import connect
 from dmp.rule_versions import RuleVersions, RuleWatcher
 from segment_rules import CompiledRules
 
@@ -164,7 +165,7 @@ async def serve_destinations(settings: Settings, rules: CompiledRules) -> None:
         known_segments=[s.id for s in rules.ruleset.segments],
     )
     partners.load()
-    client = aioredis.Redis.from_url(settings.redis.url)
+    client = connect(settings.redis)
     runner: web.AppRunner | None = None
     try:
         async with aiohttp.ClientSession() as session:

@@ -17,9 +17,11 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from dmp.match_table import MatchKeys, MatchTable, decode_forward, match_partners_key
+from dmp.redis_client import scan_batches
 from dmp.redis_types import as_bytes, as_str
 
 log = logging.getLogger(__name__)
@@ -95,22 +97,28 @@ class MatchTableFollower:
     async def _load_partner(self, keys: MatchKeys) -> None:
         last: Any = await self.client.xrevrange(keys.changes, count=1)
         cursor = as_bytes(last[0][0]) if last else b"0-0"
-        scan_cursor = 0
-        while True:
-            scan_cursor, batch = await self.client.scan(
-                scan_cursor, match=keys.forward_pattern, count=SCAN_BATCH
-            )
-            if batch:
-                values = await self.client.mget(batch)
-                for key, raw in zip(batch, values, strict=True):
-                    if raw is not None:
-                        cookie_id, expires_at = decode_forward(as_bytes(raw))
-                        partner_uid = keys.partner_uid_of(as_str(key))
-                        self.table.put(keys.partner_id, partner_uid, cookie_id, expires_at)
-            if scan_cursor == 0:
-                break
+        async for batch in scan_batches(self.client, keys.forward_pattern, SCAN_BATCH):
+            values = await self.client.mget(batch)
+            for key, raw in zip(batch, values, strict=True):
+                if raw is not None:
+                    cookie_id, expires_at = decode_forward(as_bytes(raw))
+                    partner_uid = keys.partner_uid_of(as_str(key))
+                    self.table.put(keys.partner_id, partner_uid, cookie_id, expires_at)
         self._partner_of[keys.changes] = keys.partner_id
         self.cursors[keys.changes] = cursor
+
+    async def _read(self) -> Any:
+        if isinstance(self.client, RedisCluster):
+            # Each partner's stream has its own hash tag, and a cluster refuses a multi-slot
+            # XREAD: read each without blocking, then wait if all were empty.
+            reply: list[Any] = []
+            for stream, cursor in list(self.cursors.items()):
+                reply.extend(await self.client.xread({stream: cursor}, count=READ_COUNT) or [])
+            if not reply:
+                await asyncio.sleep(self.block_ms / 1000)
+            return reply
+        streams: dict[Any, Any] = dict(self.cursors)
+        return await self.client.xread(streams, count=READ_COUNT, block=self.block_ms)
 
     async def follow(self, stop: asyncio.Event) -> None:
         """Tail every partner's stream until `stop`; survive Redis outages with backoff."""
@@ -128,8 +136,7 @@ class MatchTableFollower:
                 if not self.cursors:
                     await asyncio.sleep(self.block_ms / 1000)
                     continue
-                streams: dict[Any, Any] = dict(self.cursors)
-                reply: Any = await self.client.xread(streams, count=READ_COUNT, block=self.block_ms)
+                reply = await self._read()
                 for stream, entries in reply or []:
                     key = as_str(stream)
                     partner_id = self._partner_of[key]

@@ -6,7 +6,8 @@ transaction stays in one slot, which redis-py's asyncio ``RedisCluster`` pipelin
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -20,3 +21,22 @@ def connect(settings: RedisSettings) -> aioredis.Redis:
         # Same command API for the keys we use; the callers are typed for Redis.
         return cast(aioredis.Redis, RedisCluster.from_url(settings.url))
     return aioredis.Redis.from_url(settings.url)
+
+
+async def scan_batches(
+    client: aioredis.Redis, pattern: str, count: int
+) -> AsyncIterator[list[Any]]:
+    """The keys matching ``pattern``, up to ``count`` at a time (for one MGET each).
+
+    ``scan_iter`` walks every master of a cluster and the one server otherwise; a bare
+    ``SCAN`` cursor means nothing to a cluster client (it answers per node). Keys of one
+    batch share the pattern's hash tag where callers MGET them on a cluster.
+    """
+    batch: list[Any] = []
+    async for key in client.scan_iter(match=pattern, count=count):
+        batch.append(key)
+        if len(batch) >= count:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaProducer
 from pyroaring import BitMap
 from redis.asyncio.cluster import RedisCluster
 
+from dmp.audience import Audience
 from dmp.config import Settings
 from dmp.cookie_state import CookieState
 from dmp.ids import uid_hash
@@ -149,6 +150,12 @@ async def test_ingest_on_the_cluster(
             assert raw is not None
             members += len(BitMap.deserialize(as_bytes(raw)))
     assert members == 40
+    # The ad-ops audience tools read the same keys across the three masters.
+    audience = Audience(cluster, prefix, topic, rules)
+    assert await audience.estimate("auto_new_car_intent") == 40
+    sample = await audience.sample("auto_new_car_intent", 5)
+    assert len(sample) == 5
+    assert set(sample) <= {f"cl-{n}" for n in range(40)}
 
 
 async def test_a_replica_follows_the_cluster(

@@ -168,8 +168,20 @@ async def test_two_shards_on_the_cluster_answer_for_both_shards_and_421_elsewher
                 for uid in everyone[::7]:
                     assert await sharded.segments(uid) == expected[uid], uid
 
-        # Bid requests with ids in both shards, as the full replica answers them. (No ID
-        # sync here: acme's buyeruids are unmatched, on the full replica as on the shards.)
+        # ID syncs go into the match table on the cluster and reach every replica: acme's
+        # buyeruid bu-<cookie> resolves to that cookie on the full replica and the shards.
+        picks = _picks(stack)
+        synced = picks[0] + picks[1]
+        for uid in synced:
+            async with http.get(
+                f"{full.url}/v1/sync/acme-dsp/setuid?uid=bu-{uid}", cookies={"dmp_uid": uid}
+            ) as response:
+                assert response.status == 200, await response.text()
+        for service in (full, *shards):
+            await _wait_gauge(http, service, "dmp_match_table_entries", len(synced), 30)
+
+        # Bid requests with ids in both shards (buyeruids among them), as the full replica
+        # answers them.
         answered = 0
         async with contextlib.AsyncExitStack() as opened:
             clients: dict[str, tuple[DmpClient, ShardedDmpClient]] = {}
@@ -182,7 +194,7 @@ async def test_two_shards_on_the_cluster_answer_for_both_shards_and_421_elsewher
                         ShardedDmpClient(ShardedClientConfig(urls, PARTITIONS, key, config))
                     ),
                 )
-            for key, request, param, _, _ in _cases(_picks(stack)):
+            for key, request, param, _, _ in _cases(picks):
                 single, sharded = clients[key]
                 want = await single.enrich(request, uid=param)
                 assert await sharded.enrich(request, uid=param) == want, (request, param)
@@ -201,11 +213,11 @@ async def test_two_shards_on_the_cluster_answer_for_both_shards_and_421_elsewher
         await _wait_gauge(http, again, "dmp_replica_cookies", stack.split[0], 30)
     assert len(set(masters)) == 3
     assert stack.ingest.proc.poll() is None, stack.ingest.log.read_text()[-3000:]
-    # The lookups' own followers (memberships, rule versions, opt-outs) never failed on the
-    # cluster.
+    # The lookups' own followers (memberships, rule versions, opt-outs, the match table)
+    # never failed on the cluster.
     for service in (full, *shards, again):
         log = service.log.read_text()
-        assert not re.search(r" (WARNING|ERROR) dmp\.", log), log[-3000:]
+        assert not re.search(r" (WARNING|ERROR) (dmp|bidder_adapter)\.", log), log[-3000:]
 
 
 async def _snapshots_written(settings: Settings) -> None:
