@@ -36,6 +36,7 @@ from dmp.config import Settings
 from dmp.events import BadEvent, decode_event
 from dmp.keys import PartitionKeys
 from dmp.progress import Progress
+from dmp.redis_types import as_bytes
 from dmp.rule_versions import RuleVersion, RuleVersions
 from segment_rules import CompiledRules, parse_rules
 
@@ -116,6 +117,7 @@ class Backfill:
             todo = await self._unstaged(tps, job)
             report.skipped_partitions = len(tps) - len(todo)
             if todo and job.targets:
+                await self._check_days(job, days, [tp for tp in tps if tp not in todo])
                 await self._read_all(consumer, job, days, live_from, todo, report)
         finally:
             await consumer.stop()
@@ -194,6 +196,31 @@ class Backfill:
         if len(todo) < len(tps):
             self.say(f"resuming {job.name}: {len(tps) - len(todo)} partitions already staged")
         return todo
+
+    async def _check_days(self, job: Job, days: float, done: Sequence[TopicPartition]) -> None:
+        """Refuse to resume over another period than the partitions staged or merged before:
+        the segment would be built from 8 days of history on some partitions, 30 on others."""
+        earlier: dict[float, list[int]] = {}
+        mark = trait_mark(job.targets[0], job.start_version)  # a target: ours, if marked
+        for tp in done:
+            keys = self._keys(tp)
+            stage = await self.client.hget(keys.backfill_stages, job.name)
+            if stage is not None:
+                was = Manifest.decode(as_bytes(stage)).days
+            else:
+                filled = await self.client.hget(keys.backfilled, mark)
+                was = float(orjson.loads(filled)["days"]) if filled is not None else 0.0
+            if was > 0:  # 0: not recorded (a stage written before manifests kept it)
+                earlier.setdefault(was, []).append(tp.partition)
+        other = {d: parts for d, parts in earlier.items() if d != days}
+        if other:
+            before = "; ".join(f"--days {d:g} on partitions {p}" for d, p in sorted(other.items()))
+            again = f"--days {next(iter(other)):g}" if len(other) == 1 else "those --days"
+            raise BackfillError(
+                f"{job.name} was started with {before}: resumed with --days {days:g}, the other "
+                f"partitions would read another period. Run it again with {again}. "
+                "Nothing was changed."
+            )
 
     async def _read_all(
         self,

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from dmp.backfill_merge import decode_jobs
@@ -27,10 +28,18 @@ class Unfinished:
     merged: set[int] = field(default_factory=set)
     staged: set[int] = field(default_factory=set)  # a stage waiting for its owner to merge it
     errors: list[str] = field(default_factory=list)  # stages their owners refused
+    days: set[float] = field(default_factory=set)  # the --days it was started with
 
     @property
     def segment(self) -> str:
         return self.job.rsplit("@", 1)[0]
+
+    @property
+    def rerun(self) -> str:
+        """The command that finishes it, with the period it was started with (it refuses
+        another: the partitions would cover different histories)."""
+        days = f"{next(iter(self.days)):g}" if len(self.days) == 1 else "D"
+        return f"dmp rules backfill {self.segment} --days {days}"
 
     def describe(self) -> str:
         done = sorted(self.merged)
@@ -56,13 +65,20 @@ async def unfinished_backfills(client: aioredis.Redis, prefix: str, topic: str) 
 
     for partition in partitions:
         keys = PartitionKeys(prefix, topic, partition)
-        done: Any = await client.hkeys(keys.backfilled)
-        for name in map(as_str, done):
-            if not name.startswith("trait:"):  # per-trait marks sit beside the jobs
+        done: Any = await client.hgetall(keys.backfilled)
+        for field_name, value in done.items():
+            name = as_str(field_name)
+            if name.startswith("trait:"):  # per-trait marks sit beside the jobs, with days
+                mark = orjson.loads(value)
+                if mark.get("days"):
+                    job(mark["job"]).days.add(float(mark["days"]))
+            else:
                 job(name).merged.add(partition)
         stages = decode_jobs(await client.hgetall(keys.backfill_stages))
         for name, manifest in stages.items():
             job(name).staged.add(partition)
+            if manifest.days:
+                job(name).days.add(manifest.days)
             if manifest.error:
                 job(name).errors.append(f"partition {partition}: {manifest.error}")
     return [j for j in jobs.values() if j.staged or j.merged != set(partitions)]

@@ -61,6 +61,10 @@ class RuleVersions:
     async def rollback(self, to: int | None = None) -> RuleVersion:
         """Re-apply version ``to`` (default: the one before the active one) as a new number."""
         _, old = await self.rollback_target(to)
+        return await self.reapply(old)
+
+    async def reapply(self, old: RuleVersion) -> RuleVersion:
+        """Apply ``old``'s text again as a new number (what a rollback to it does)."""
         return await self.apply(old.text, f"rollback to {old.number} ({old.source})")
 
     async def rollback_target(self, to: int | None = None) -> tuple[RuleVersion, RuleVersion]:

@@ -86,7 +86,10 @@ _FORCE_HELP = "make segments live even while a backfill of theirs is only partly
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # argparse would say "invalid _positive value"
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
@@ -141,13 +144,11 @@ async def _half_backfilled(
     lines = [
         f"error: '{u.segment}' would go live half backfilled: {u.describe()}." for u in blocked
     ]
-    names = sorted({u.segment for u in blocked})
-    segment = names[0] if len(names) == 1 else "SEGMENT"
-    again = "" if len(names) == 1 else f" (for each of {', '.join(names)})"
+    commands = " and ".join(f"`{u.rerun}`" for u in blocked)
     lines.append(
         "Lookups and partners would get part of its audience, then the rest as it merges. "
-        f"Run `dmp rules backfill {segment} --days D` again{again}: it finishes the merge, "
-        "then makes the segment live. Nothing was changed; --force makes it live as it is."
+        f"Run {commands} again (it finishes the merge, then makes the segment live). "
+        "Nothing was changed; --force makes it live as it is."
     )
     return "\n".join(lines)
 
@@ -164,9 +165,7 @@ async def _apply(args: argparse.Namespace, settings: Settings, client: aioredis.
             print(refusal, file=sys.stderr)
             return 1
     version = await versions.apply(text, args.file)
-    print(
-        f"applied {args.file} as version {version.number} ({describe_ruleset(parse_rules(text, args.file))})"
-    )
+    print(f"applied {args.file} as version {version.number} ({describe_ruleset(ruleset)})")
     for line in changes:
         print(f"  {line}")
     return 0
@@ -206,7 +205,9 @@ async def _rollback(args: argparse.Namespace, settings: Settings, client: aiored
         if refusal is not None:
             print(refusal, file=sys.stderr)
             return 1
-    version = await versions.rollback(args.to)
+    # The version checked above, not ``rollback(args.to)``: with no --to, that picks "the
+    # one before the live one" again, which another apply in between would have moved.
+    version = await versions.reapply(target)
     print(f"version {version.number} is live: {version.source}")
     return 0
 
@@ -273,7 +274,8 @@ def _backfill(args: argparse.Namespace, settings: Settings) -> int:
         # Stages are written whole per partition and merged into a paused segment: nothing
         # a lookup can see changed.
         print(
-            f"interrupted: '{args.segment}' stays paused; run the command again to finish",
+            f"interrupted: '{args.segment}' stays paused; run the command again (with the "
+            "same --days) to finish",
             file=sys.stderr,
         )
         return 130

@@ -6,6 +6,8 @@ Then: the segment is still paused and lookups never answer it, though part of it
 is merged; `dmp rules apply` refuses to make it live half merged; and running the same
 backfill again (with ingest restarted) ends in exactly the state of a backfill that was
 never interrupted, run beside it on the same topic under another key prefix.
+The refusals of a half-merged job (rollback, a resume over another period) are tested
+without processes, on a stage written by hand.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dmp.audience import Audience
 from dmp.backfill_job import activate
 from dmp.backfill_merge import Manifest
 from dmp.config import Settings
-from dmp.keys import PartitionKeys
+from dmp.keys import PartitionKeys, partitions_key
 from dmp.lookup import FOLLOWER, REPLICA, create_lookup_app
 from dmp.redis_types import as_bytes
 from dmp.rule_versions import RuleVersions
@@ -212,7 +214,7 @@ async def test_a_crash_between_merge_chunks_stays_paused_and_a_rerun_ends_as_a_c
             "error: 'clickers' would go live half backfilled: backfill clickers@2 is merged" in err
         )
         assert f"still merging on {waiting}" in err
-        assert "Run `dmp rules backfill clickers --days D` again" in err
+        assert "Run `dmp rules backfill clickers --days 8` again" in err
         assert (await RuleVersions(redis_client, s.redis.key_prefix).active_number()) == 2
 
         # Ingest back, the same command again: it finishes the merge and goes live.
@@ -259,3 +261,49 @@ async def test_a_crash_between_merge_chunks_stays_paused_and_a_rerun_ends_as_a_c
             if proc is not None and proc.alive:
                 await proc.kill()
         await delete_keys(redis_client, f"{clean.redis.key_prefix}:")
+
+
+async def test_a_half_merged_job_refuses_a_rollback_to_it_live_and_a_resume_over_another_period(
+    settings: Settings, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Partition 0 has the job staged (8 days), partition 1 nothing yet; no ingest runs."""
+    prefix, topic = settings.redis.key_prefix, settings.kafka.topic
+    versions = RuleVersions(redis_client, prefix)
+    await versions.apply(V1, "v1.yaml")
+    await versions.apply(V2, "v2.yaml")  # clickers paused: the job is clickers@2
+    parts = [PartitionKeys(prefix, topic, p) for p in range(settings.kafka.partitions)]
+    await redis_client.sadd(partitions_key(prefix, topic), *[str(k.partition) for k in parts])
+    for keys in parts:  # where each partition's owner took v2 (as ingest would mark it)
+        await redis_client.hset(keys.rules_from, "2", 100)
+    stage = Manifest(JOB, "clickers", 3, 1, ["t"], 50, 8.0)
+    await redis_client.hset(parts[0].backfill_stages, JOB, stage.encode())
+
+    # Resumed over another period: partition 1 would read 30 days, partition 0 has 8.
+    code, _, err = await dmp_cli(
+        settings, *BACKFILL[:3], "--days", "30", "--wait", "5", "--merge-timeout", "1"
+    )
+    assert code == 1, err
+    assert (
+        f"error: {JOB} was started with --days 8 on partitions [0]: resumed with --days 30" in err
+    )
+    assert "Run it again with --days 8. Nothing was changed." in err
+    assert not await redis_client.hexists(parts[1].backfill_stages, JOB)
+    assert (await versions.active_number()) == 2
+
+    # Made live by hand (--force), paused again: a rollback to the live version is refused.
+    live_text = tmp_path / "clickers-live.yaml"
+    live_text.write_text(activate(V2, parse_rules(V2), "clickers"))
+    code, _, err = await dmp_cli(settings, "rules", "apply", str(live_text))
+    assert code == 1
+    assert "Run `dmp rules backfill clickers --days 8` again" in err
+    code, out, err = await dmp_cli(settings, "rules", "apply", "--force", str(live_text))
+    assert code == 0, err
+    await versions.apply(V2, "v2.yaml")  # version 4: paused again
+    code, _, err = await dmp_cli(settings, "rules", "rollback")
+    assert code == 1, err
+    assert "error: 'clickers' would go live half backfilled: backfill clickers@2 is" in err
+    assert "still merging on [0], not staged on [1]" in err
+    assert (await versions.active_number()) == 4
+    code, out, err = await dmp_cli(settings, "rules", "rollback", "--force")
+    assert code == 0, err
+    assert "version 5 is live: rollback to 3 (" in out

@@ -22,3 +22,12 @@ def test_an_unfinished_backfill_says_where_it_stands() -> None:
     refused = Unfinished("b@7", [0], staged={0}, errors=["partition 0: no traits"])
     assert refused.segment == "b"
     assert refused.describe().endswith("still merging on [0], refused: partition 0: no traits")
+
+
+def test_the_rerun_names_the_period_the_job_was_started_with() -> None:
+    assert Unfinished("clickers@2", [0, 1], days={8.0}).rerun == (
+        "dmp rules backfill clickers --days 8"
+    )
+    # Unknown (a stage from before manifests kept it) or, impossibly, two: a placeholder.
+    assert Unfinished("clickers@2", [0, 1]).rerun.endswith("--days D")
+    assert Unfinished("clickers@2", [0, 1], days={8.0, 30.0}).rerun.endswith("--days D")
