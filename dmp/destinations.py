@@ -389,13 +389,18 @@ class Exporter:
     async def _members(
         self, uids: Sequence[str], users: Mapping[str, _UserOps]
     ) -> dict[str, frozenset[str]]:
-        keys = [PartitionKeys(self.prefix, self.topic, users[u].partition).cookie(u) for u in uids]
-        raws = await self.client.mget(keys)
-        return {
-            uid: CookieState.decode(as_bytes(raw)).members
-            for uid, raw in zip(uids, raws, strict=True)
-            if raw is not None
-        }
+        # One MGET per partition: a cluster refuses one over several hash tags (slots).
+        by_partition: dict[int, list[str]] = {}
+        for uid in uids:
+            by_partition.setdefault(users[uid].partition, []).append(uid)
+        members: dict[str, frozenset[str]] = {}
+        for partition, group in by_partition.items():
+            keys = PartitionKeys(self.prefix, self.topic, partition)
+            raws = await self.client.mget([keys.cookie(u) for u in group])
+            for uid, raw in zip(group, raws, strict=True):
+                if raw is not None:
+                    members[uid] = CookieState.decode(as_bytes(raw)).members
+        return members
 
     async def _partner_ids(self, cookie_ids: Sequence[str]) -> list[str | None]:
         keys = MatchKeys(self.prefix, self.profile.partner_id)

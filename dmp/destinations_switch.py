@@ -200,9 +200,15 @@ class SwitchStore:
         return Switch(old, new, dict(cuts), len(chunks), 0)
 
     async def chunk(self, n: int) -> list[Change]:
-        raw = await self.client.get(self.keys.switch_chunk(n))
+        key = self.keys.switch_chunk(n)
+        raw = await self.client.get(key)
         if raw is None:
-            raise LookupError(f"{self.keys.switch_chunk(n)} is missing: the switch was cut short")
+            # Only a commit deletes a chunk, and only one already sent: someone else did.
+            raise LookupError(
+                f"{key} is missing (deleted or evicted by Redis?): the switch of live segments "
+                f"cannot send its lines. Deleting {self.keys.switch} and its numbered keys "
+                "starts it again from a new cut; lines of chunks already sent go out again."
+            )
         return [(str(uid), list(adds), list(removes)) for uid, adds, removes in orjson.loads(raw)]
 
     def commit(self, pipe: Pipeline, step: SwitchStep) -> None:

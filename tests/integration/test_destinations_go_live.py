@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
@@ -14,21 +15,29 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
+from redis.crc import key_slot
 
+from bidder_adapter.partner_file import parse_partner_bytes
 from bidder_adapter.partner_metrics import PartnerMetrics
 from bidder_adapter.partner_registry import PartnerRegistry
 from bidder_adapter.profiles import hash_api_key
 from dmp.config import Settings
 from dmp.cookie_state import CookieState
-from dmp.destinations import DestinationMetrics, Exporter
+from dmp.destinations import Batch, DestinationMetrics, Exporter
 from dmp.destinations_keys import DestinationKeys
 from dmp.destinations_service import DestinationService
 from dmp.destinations_sinks import HttpSink
+from dmp.destinations_switch import SwitchStore
+from dmp.ids import uid_hash
 from dmp.keys import PartitionKeys
+from dmp.partition_batch import BatchPlan
+from dmp.partition_store import PartitionStore
+from dmp.redis_client import connect
 from dmp.rule_versions import RuleVersions
 from segment_rules import CompiledRules, parse_rules
 from tests.bidder_adapter.partner_yaml import partner_yaml, write_partners
@@ -37,6 +46,7 @@ from tests.integration.conftest import StartIngest, wait_until
 from tests.integration.helpers import new_car_view, produce
 from tests.integration.test_backfill import V2, click, dmp_cli, produce_at_event_time
 from tests.integration.test_partner_destinations import GEO, INTENT, Receiver, gamma, gamma_yaml
+from tests.integration.test_redis_cluster import CLUSTER_URL_VAR
 
 DAY = 86400.0
 ACTIVE = EXAMPLE_RULES.read_text()
@@ -460,3 +470,110 @@ async def test_a_destination_down_at_the_go_live_sends_each_member_once(
     assert sent(rec, "remove", GEO) == Counter()
     assert holding(rec, INTENT) == set(early + down)
     assert rec.violations == []
+
+
+async def test_a_switch_chunk_gone_from_redis_says_how_to_start_the_switch_again(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    keys = DestinationKeys(settings.redis.key_prefix, "dest", "gamma-dsp")
+    store = SwitchStore(redis_client, keys)
+    lines = [("u1", ["g"], []), ("u2", ["g"], []), ("u3", [], ["g"])]
+    await store.save(frozenset(), frozenset({"geo"}), {"s": "1-0"}, lines, batch_size=2)
+    assert await store.chunk(1) == [("u3", [], ["g"])]
+    await redis_client.delete(keys.switch_chunk(0))  # evicted, say
+    with pytest.raises(LookupError) as caught:
+        await store.chunk(0)
+    message = str(caught.value)
+    assert f"{keys.switch_chunk(0)} is missing (deleted or evicted by Redis?)" in message
+    assert f"Deleting {keys.switch} and its numbered keys starts it again" in message
+
+
+@pytest.fixture
+async def cluster_settings(settings: Settings) -> AsyncIterator[Settings]:
+    """The test's prefix and topic on the 3-master Redis Cluster that deploy/test.sh starts."""
+    url = os.environ.get(CLUSTER_URL_VAR, "redis://127.0.0.1:17000/0")
+    s = replace(settings, redis=replace(settings.redis, url=url, cluster=True))
+    yield s
+    client = connect(s.redis)
+    try:  # one by one: a multi-key DEL must stay in one slot
+        async for key in client.scan_iter(match=f"{s.redis.key_prefix}:*", count=1000):
+            await client.delete(key)
+    finally:
+        await client.aclose()
+
+
+class Collected:
+    """A sink that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+
+    async def send(self, partner_id: str, batch: Batch) -> None:
+        self.batches.append(batch)
+
+    def added(self, segment: str) -> Counter[str]:
+        found = [orjson.loads(line) for b in self.batches for line in b.body.splitlines()]
+        return Counter(str(line["user_id"]) for line in found if segment in line["add"])
+
+
+async def test_a_destination_exports_and_switches_on_the_redis_cluster(
+    cluster_settings: Settings,
+) -> None:
+    """Two partitions in two slots. acme's composite grant needs each user's whole membership
+    (read per partition: a cluster refuses one MGET over two slots), and geo going live is a
+    switch: a MULTI per partition, a scan of every master, its lines in one slot."""
+    prefix, topic = cluster_settings.redis.key_prefix, cluster_settings.kafka.topic
+    client = connect(cluster_settings.redis)
+    stop = asyncio.Event()
+    task: asyncio.Task[None] | None = None
+    try:
+        tags = [PartitionKeys(prefix, topic, p).tag.encode() for p in range(2)]
+        assert key_slot(tags[0]) != key_slot(tags[1])
+        users: list[str] = []
+        segments = ["auto_new_car_intent", "geo_socal"]  # intent, and geo (paused at first)
+        for partition in range(2):
+            keys = PartitionKeys(prefix, topic, partition)
+            store = PartitionStore(client, keys, state_ttl=3600, stream_maxlen=1000)
+            await store.load()
+            uids = [f"p{partition}-{n}" for n in range(3)]
+            plan = BatchPlan(next_local=len(uids))
+            for local, uid in enumerate(uids):
+                plan.states[uid] = CookieState(local, members=frozenset(segments))
+                plan.new_ids.append((local, uid_hash(uid)))
+            plan.added = {s: list(range(len(uids))) for s in segments}
+            await store.commit(plan, len(uids), 1.0)
+            users += uids
+        destination = (
+            "    destination: {kind: http, url: 'http://unused', interval_seconds: 0.05}\n"
+        )
+        text = partner_yaml(destination=destination).encode()
+        profile = parse_partner_bytes(text, "p.yaml").profiles["acme-dsp"]
+        sink = Collected()
+        exporter = Exporter(
+            client,
+            profile,
+            CompiledRules(parse_rules(PAUSED)),
+            sink,
+            DestinationMetrics.create(),
+            prefix=prefix,
+            state_prefix="dest",
+            topic=topic,
+        )
+        task = asyncio.create_task(exporter.run(stop))
+        everyone = Counter(dict.fromkeys(users, 1))
+        await eventually(lambda: sink.added(VEHICLES) == everyone, "intent adds", 10)
+        assert sink.added(SOCAL) == Counter()
+        exporter.set_rules(CompiledRules(parse_rules(ACTIVE)))
+        await eventually(lambda: sink.added(SOCAL) == everyone, "the composite's adds", 10)
+        state = DestinationKeys(prefix, "dest", profile.partner_id)
+        async with asyncio.timeout(5):  # the last switch batch commits after it is sent
+            while await client.exists(state.switch):
+                await asyncio.sleep(0.02)
+        assert "geo_socal" in orjson.loads(await client.hget(state.cursor, "#live") or b"[]")
+        assert not task.done()  # no failure (and restart) on the way
+        assert sink.added(VEHICLES) == everyone
+    finally:
+        stop.set()
+        if task is not None:
+            await asyncio.wait_for(task, 10)
+        await client.aclose()
