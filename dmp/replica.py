@@ -257,7 +257,12 @@ class Replica:
     def add_ids(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Learn (position, uid hash) pairs; a later position for the same hash wins."""
         for pos, h in pairs:
-            if self.ids.get(h) is not None:
+            known = self.ids.get(h)
+            if known == pos:
+                # Seen already: a partition loaded from its bitmaps while its stream was
+                # followed can read the same new ids from both (counted once, not twice).
+                continue
+            if known is not None:
                 self.clear_cache()  # a known cookie re-numbered: rare, so no finer eviction
             self.ids.add(h, pos)
             self._evict(pos)

@@ -219,6 +219,20 @@ def _start(services: Services) -> Stack:
     return Stack(ingest, full, shards, uids, owner, split)
 
 
+async def _sync_buyeruids(
+    http: aiohttp.ClientSession, full: Service, shards: list[Service], uids: list[str]
+) -> None:
+    """ID syncs through the full replica: acme-dsp's buyeruid bu-<uid> is <uid>; waits until
+    every replica's match table holds them."""
+    for uid in uids:
+        async with http.get(
+            f"{full.url}/v1/sync/acme-dsp/setuid?uid=bu-{uid}", cookies={"dmp_uid": uid}
+        ) as response:
+            assert response.status == 200, await response.text()
+    for service in (full, *shards):
+        await _wait_gauge(http, service, "dmp_match_table_entries", len(uids), 30)
+
+
 async def _fill(http: aiohttp.ClientSession, stack: Stack, settings: Settings) -> None:
     """The demo stream in, and every replica holding what it should."""
     sent = await produce_demo(settings.kafka.bootstrap, settings.kafka.topic, COOKIES, 7)
@@ -410,14 +424,7 @@ async def test_enrich_with_ids_in_two_shards_equals_one_full_replica(
             _, body, _ = await _get(http, f"{full.url}/v1/users/{uid}/segments")
             assert set(body["segments"]) == held[_kind(uid)], (uid, body)
         # acme-dsp's buyeruid bu-<cookie> is that cookie in our match table, everywhere.
-        synced = picks[0] + picks[1]
-        for uid in synced:
-            async with http.get(
-                f"{full.url}/v1/sync/acme-dsp/setuid?uid=bu-{uid}", cookies={"dmp_uid": uid}
-            ) as response:
-                assert response.status == 200, await response.text()
-        for service in (full, *shards):
-            await _wait_gauge(http, service, "dmp_match_table_entries", len(synced), 30)
+        await _sync_buyeruids(http, full, shards, picks[0] + picks[1])
 
         registry = CollectorRegistry()
         metrics = ClientMetrics.create(registry)

@@ -39,6 +39,7 @@ from tests.integration.test_replica_shards import (
     _get,
     _picks,
     _start,
+    _sync_buyeruids,
     _wait_gauge,
     _wait_ready,
 )
@@ -171,14 +172,7 @@ async def test_two_shards_on_the_cluster_answer_for_both_shards_and_421_elsewher
         # ID syncs go into the match table on the cluster and reach every replica: acme's
         # buyeruid bu-<cookie> resolves to that cookie on the full replica and the shards.
         picks = _picks(stack)
-        synced = picks[0] + picks[1]
-        for uid in synced:
-            async with http.get(
-                f"{full.url}/v1/sync/acme-dsp/setuid?uid=bu-{uid}", cookies={"dmp_uid": uid}
-            ) as response:
-                assert response.status == 200, await response.text()
-        for service in (full, *shards):
-            await _wait_gauge(http, service, "dmp_match_table_entries", len(synced), 30)
+        await _sync_buyeruids(http, full, shards, picks[0] + picks[1])
 
         # Bid requests with ids in both shards (buyeruids among them), as the full replica
         # answers them.

@@ -39,6 +39,21 @@ def test_id_index_later_position_wins() -> None:
     assert (index.get(3), index.get(7), index.get(5)) == (99, 1, 12)
 
 
+def test_ids_read_twice_count_once() -> None:
+    # A partition loaded from its bitmaps while its stream is followed can see a new id in
+    # both: the cookie count (dmp_replica_cookies) must not grow, and answers stay cached.
+    replica = Replica(CompiledRules(parse_rules(RULES)))
+    pairs = [(position(0, n), uid_hash(f"u{n}")) for n in range(5)]
+    replica.add_ids(pairs)
+    replica.add("a", [position(0, 1)])
+    assert replica.segments("u1") == ["a", "a_not_b"]
+    replica.add_ids(pairs[1:3])
+    assert replica.cookie_count == 5
+    assert "u1" in replica._cache
+    replica.add_ids([(position(0, 9), uid_hash("u1"))])  # re-numbered: a new position wins
+    assert replica.segments("u1") == []
+
+
 def test_a_full_cache_drops_its_oldest_part_and_stays_exact() -> None:
     replica = Replica(CompiledRules(parse_rules(RULES)), cache_size=128)
     uids = [f"u{n}" for n in range(300)]
