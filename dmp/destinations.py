@@ -182,6 +182,9 @@ class Exporter:
     async def run(self, stop: asyncio.Event) -> None:
         """Export until `stop`: drain what is there in batches, then wait the interval."""
         await self._resend_pending(stop)
+        # A switch whose storing a crash cut short is invisible, and redone if still due;
+        # its chunks are deleted here in case it is not (the rule version changed back).
+        await self.switches.clear_unfinished()
         while not stop.is_set():
             batch = await self.next_batch()
             if batch is None:

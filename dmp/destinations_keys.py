@@ -36,3 +36,8 @@ class DestinationKeys:
     def switch_chunk(self, n: int) -> str:
         """JSON list of the switch's partner changes, one batch's worth: [uid, add, remove]."""
         return f"{self.tag}:switch:{n}"
+
+    @property
+    def switch_building(self) -> str:
+        """Chunks of a switch being stored so far (gone once ``switch`` is written)."""
+        return f"{self.tag}:switch:building"

@@ -13,9 +13,16 @@ adds, of a segment paused as removes), and exports the entries after the cut und
 new set. Each member is sent once: before the cut it was hidden, after it only its
 changes go out.
 
-The switch (live sets, cuts, the partner lines) is written to the destination's keys in
-one transaction before anything of it is sent, and each of its batches commits like any
-other (dmp/destinations.py), so a crash resumes it and nothing is sent twice.
+The work is bounded, one partition at a time: its cut, its affected members' cookie-id
+hashes (12 bytes each, in numpy arrays), a scan of its cookie key names that names them,
+and their lines, stored as they are made in transactions of at most ``SAVE_LINES`` lines;
+then the next partition. The switch becomes visible (the ``switch`` hash: live sets, cuts,
+how many chunks) in one last transaction; until then nothing of it is sent. A crash before
+that leaves numbered chunks nobody reads and a ``switch:building`` count: the next attempt
+deletes them and starts over from new cuts (nothing of the switch was sent and the cursors
+have not moved, so new cuts do as well as the old ones). Once stored, each of its batches
+commits like any other (dmp/destinations.py), so a crash resumes it and nothing is sent
+twice.
 
 Ingest takes no part: a cut is a few GETs in one MULTI per partition, and naming members
 (bitmaps hold positions) reads cookie key names here, in the destinations process.
@@ -23,12 +30,15 @@ Ingest takes no part: a cut is a few GETs in one MULTI per partition, and naming
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 import redis.asyncio as aioredis
 from pyroaring import BitMap
@@ -36,16 +46,25 @@ from redis.asyncio.client import Pipeline
 
 from bidder_adapter.profiles import PartnerProfile
 from dmp.destinations_keys import DestinationKeys
-from dmp.destinations_views import Change, PartnerView, plan_switch, switch_changes
+from dmp.destinations_views import Change, PartnerView, plan_switch, switch_change
 from dmp.ids import chunk_of, uid_hash
 from dmp.keys import PartitionKeys, partitions_key
+from dmp.redis_client import scan_batches
 from dmp.redis_types import as_bytes, as_str
 from segment_rules import RuleSet
 
 log = logging.getLogger(__name__)
 IDS_SLICE = 65536  # positions per read of the id hashes (512 KB)
-SCAN_COUNT = 1000
+SCAN_COUNT = 1000  # key names per SCAN page; the loop yields to the event loop after each
 LIVE_FIELD = "#live"  # in the destination's cursor hash: the live set it exports under
+# Lines per transaction that stores a switch (and at most per chunk, i.e. per switch batch).
+# Redis runs a MULTI/EXEC as one command: ingest's commits and every other client wait until
+# it is written. 2,000 lines are ~100-200 KB of JSON, a millisecond or two of Redis; the
+# whole switch of a 10M-member segment in one MULTI would be ~600 MB.
+SAVE_LINES = 2000
+DELETE_KEYS = 1000  # chunk keys per DEL when an unfinished switch is cleared
+U64 = npt.NDArray[np.uint64]
+U32 = npt.NDArray[np.uint32]
 
 
 @dataclass(frozen=True)
@@ -56,7 +75,11 @@ class Cut:
 
 
 async def read_cut(client: aioredis.Redis, keys: PartitionKeys, segments: Collection[str]) -> Cut:
-    """The partition's last change entry and the segments' bitmaps, read atomically."""
+    """The partition's last change entry and the segments' bitmaps, read atomically.
+
+    One MULTI over one partition's keys (one hash tag, so one cluster slot): a GET per
+    bitmap chunk (65,536 positions) of each segment read.
+    """
     size = int(await client.get(keys.next_local) or 0)
     while True:
         chunks = chunk_of(size - 1) + 1 if size else 0
@@ -79,53 +102,77 @@ async def read_cut(client: aioredis.Redis, keys: PartitionKeys, segments: Collec
         return Cut(keys.changes, entry, bitmaps)
 
 
-async def _hashes(
-    client: aioredis.Redis, keys: PartitionKeys, positions: Iterable[int]
-) -> dict[int, list[int]]:
-    """Cookie-id hash -> the wanted local positions that hold it (ingest's ``ids`` key)."""
-    found: dict[int, list[int]] = {}
-    for slice_no, group in itertools.groupby(sorted(positions), key=lambda n: n // IDS_SLICE):
-        start = slice_no * IDS_SLICE
+async def id_index(
+    client: aioredis.Redis, keys: PartitionKeys, positions: BitMap
+) -> tuple[U64, U32]:
+    """The positions' cookie-id hashes (ingest's ``ids`` key), sorted, and their positions.
+
+    Positions whose hash is 0 (an erased cookie's blanked hash, or none written) are left
+    out: they cannot be named.
+    """
+    wanted: U32 = np.array(positions.to_array(), dtype=np.uint32)
+    hashes: U64 = np.zeros(len(wanted), dtype=np.uint64)
+    slices = wanted // IDS_SLICE
+    bounds = [0, *(np.flatnonzero(np.diff(slices)) + 1).tolist(), len(wanted)]
+    for first, end in itertools.pairwise(bounds):
+        if first == end:
+            continue
+        start = int(slices[first]) * IDS_SLICE
         raw = as_bytes(await client.getrange(keys.ids, start * 8, (start + IDS_SLICE) * 8 - 1))
-        for local in group:
-            at = (local - start) * 8
-            value = int.from_bytes(raw[at : at + 8], "big") if len(raw) >= at + 8 else 0
-            if value:  # 0: an erased cookie's blanked hash
-                found.setdefault(value, []).append(local)
-    return found
+        values = np.frombuffer(raw, dtype=">u8", count=len(raw) // 8)
+        at = wanted[first:end].astype(np.int64) - start
+        inside = at < len(values)
+        hashes[first:end][inside] = values[at[inside]]
+    known = hashes != 0
+    hashes, wanted = hashes[known], wanted[known]
+    order = np.argsort(hashes, kind="stable")
+    return hashes[order], wanted[order]
 
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-async def name_positions(
-    client: aioredis.Redis, prefix: str, topic: str, wanted: Mapping[int, Collection[int]]
-) -> dict[tuple[int, int], str]:
-    """(partition, local position) -> cookie id, for the wanted positions that have one.
+async def name_partition(
+    client: aioredis.Redis,
+    keys: PartitionKeys,
+    cut: Cut,
+    affected: BitMap,
+    views: tuple[PartnerView, PartnerView],
+    writer: SwitchWriter,
+) -> int:
+    """Name the partition's affected positions and hand their lines to ``writer``.
 
     Nothing maps a position to its id (docs/partners.md, "Where the user ids come from"),
     but each cookie's state key holds its id and ``ids`` holds the id's hash per position:
-    one scan of the key names (not the states) matches them up.
+    one scan of the partition's key names (not the states) matches them up. Returns how
+    many of the affected positions were named.
     """
-    by_partition = {
-        p: await _hashes(client, PartitionKeys(prefix, topic, p), positions)
-        for p, positions in wanted.items()
-        if positions
-    }
-    head = f"{prefix}:{{{topic}:"
-    names: dict[tuple[int, int], str] = {}
-    if not by_partition:
-        return names
-    pattern = f"{_glob_escape(head)}*}}:c:*"
-    async for key in client.scan_iter(match=pattern, count=SCAN_COUNT):
-        partition, sep, uid = as_str(key)[len(head) :].partition("}:c:")
-        hashes = by_partition.get(int(partition)) if sep and partition.isdigit() else None
-        if hashes is None:
-            continue
-        for local in hashes.get(uid_hash(uid), ()):
-            names[int(partition), local] = uid
-    return names
+    hashes, positions = await id_index(client, keys, affected)
+    if not len(hashes):
+        return 0
+    old, new = views
+    bitmaps = list(cut.bitmaps.items())
+    named = BitMap()
+    head = len(keys.tag) + len(":c:")
+    async for page in scan_batches(client, f"{_glob_escape(keys.tag)}:c:*", SCAN_COUNT):
+        uids = [as_str(key)[head:] for key in page]
+        found = np.fromiter((uid_hash(u) for u in uids), dtype=np.uint64, count=len(uids))
+        lows = np.searchsorted(hashes, found, side="left")
+        highs = np.searchsorted(hashes, found, side="right")
+        for i in np.flatnonzero(highs > lows).tolist():
+            # One id at two positions (its state expired once): both count. A position
+            # named already is a key SCAN returned twice.
+            at = [p for p in positions[lows[i] : highs[i]].tolist() if p not in named]
+            if not at:
+                continue
+            named.update(at)
+            members = frozenset(s for s, bm in bitmaps if any(p in bm for p in at))
+            change = switch_change(old, new, uids[i], members)
+            if change is not None:
+                await writer.add(change)
+        await asyncio.sleep(0)  # a page of keys at a time: other exporters, /metrics
+    return len(named)
 
 
 @dataclass(frozen=True)
@@ -173,31 +220,37 @@ class SwitchStore:
             next=int(raw[b"next"]),
         )
 
+    async def clear_unfinished(self) -> int:
+        """Delete the chunks of a switch whose storing was cut short; how many there were."""
+        raw = await self.client.get(self.keys.switch_building)
+        if raw is None:
+            return 0
+        written = int(raw)
+        for first in range(0, written, DELETE_KEYS):
+            stop = min(written, first + DELETE_KEYS)
+            await self.client.delete(*[self.keys.switch_chunk(n) for n in range(first, stop)])
+        await self.client.delete(self.keys.switch_building)  # last: a crash before redoes it
+        log.warning(
+            "%s: a switch of live segments was not stored whole (crash?): its %d chunks are "
+            "deleted; it starts over from new cuts",
+            self.keys.switch,
+            written,
+        )
+        return written
+
     async def save(
         self,
         old: frozenset[str],
         new: frozenset[str],
         cuts: Mapping[str, str],
-        changes: list[Change],
+        changes: Iterable[Change],
         batch_size: int,
     ) -> Switch:
-        """Store the whole switch in one transaction: there whole, or not at all."""
-        chunks = [changes[i : i + batch_size] for i in range(0, len(changes), batch_size)]
-        async with self.client.pipeline(transaction=True) as pipe:
-            for n, chunk in enumerate(chunks):
-                pipe.set(self.keys.switch_chunk(n), orjson.dumps(chunk))
-            pipe.hset(
-                self.keys.switch,
-                mapping={
-                    "old": orjson.dumps(sorted(old)),
-                    "new": orjson.dumps(sorted(new)),
-                    "cuts": orjson.dumps(dict(cuts)),
-                    "chunks": len(chunks),
-                    "next": 0,
-                },
-            )
-            await pipe.execute()
-        return Switch(old, new, dict(cuts), len(chunks), 0)
+        """Store a switch whose lines are all known (bounded transactions: SwitchWriter)."""
+        writer = await SwitchWriter.begin(self, batch_size)
+        for change in changes:
+            await writer.add(change)
+        return await writer.finish(old, new, cuts)
 
     async def chunk(self, n: int) -> list[Change]:
         key = self.keys.switch_chunk(n)
@@ -221,6 +274,72 @@ class SwitchStore:
             pipe.delete(self.keys.switch)
 
 
+class SwitchWriter:
+    """A switch's lines stored as they are made, the switch itself last.
+
+    Whole chunks (a batch each, ``min(batch_size, SAVE_LINES)`` lines) go out in
+    transactions of at most ``SAVE_LINES`` lines, each also setting ``switch:building`` to
+    the chunks stored so far; ``finish`` writes the ``switch`` hash (which makes it
+    visible) and drops that count, in one transaction.
+    """
+
+    def __init__(self, store: SwitchStore, batch_size: int) -> None:
+        self.store = store
+        self.chunk_lines = max(1, min(batch_size, SAVE_LINES))
+        self.save_lines = max(1, SAVE_LINES // self.chunk_lines) * self.chunk_lines
+        self.chunks = 0  # stored so far
+        self.lines = 0  # handed over so far
+        self._buffer: list[Change] = []
+
+    @classmethod
+    async def begin(cls, store: SwitchStore, batch_size: int) -> SwitchWriter:
+        """A writer for a new switch, once what an unfinished one left is cleared."""
+        await store.clear_unfinished()
+        return cls(store, batch_size)
+
+    async def add(self, change: Change) -> None:
+        self._buffer.append(change)
+        self.lines += 1
+        if len(self._buffer) >= self.save_lines:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        lines, self._buffer = self._buffer, []
+        keys = self.store.keys
+        n = self.chunks
+        async with self.store.client.pipeline(transaction=True) as pipe:
+            for first in range(0, len(lines), self.chunk_lines):
+                body = orjson.dumps(lines[first : first + self.chunk_lines])
+                pipe.set(keys.switch_chunk(n), body)
+                n += 1
+            pipe.set(keys.switch_building, n)
+            await pipe.execute()
+        self.chunks = n
+        await asyncio.sleep(0)
+
+    async def finish(
+        self, old: frozenset[str], new: frozenset[str], cuts: Mapping[str, str]
+    ) -> Switch:
+        """Store the last lines, then the switch: one transaction, there whole or not."""
+        if self._buffer:
+            await self._flush()
+        keys = self.store.keys
+        async with self.store.client.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                keys.switch,
+                mapping={
+                    "old": orjson.dumps(sorted(old)),
+                    "new": orjson.dumps(sorted(new)),
+                    "cuts": orjson.dumps(dict(cuts)),
+                    "chunks": self.chunks,
+                    "next": 0,
+                },
+            )
+            pipe.delete(keys.switch_building)
+            await pipe.execute()
+        return Switch(old, new, dict(cuts), self.chunks, 0)
+
+
 async def start_switch(
     client: aioredis.Redis,
     store: SwitchStore,
@@ -233,45 +352,42 @@ async def start_switch(
     new: frozenset[str],
     batch_size: int,
 ) -> tuple[Switch | None, int]:
-    """Cut every partition's stream, work out the partner's changes, store the switch.
+    """Cut each partition's stream, work out and store its partner lines; then the switch.
 
-    Returns (None, 0) when no segment the partner depends on changed; else the switch and
-    how many affected positions had no cookie id left (erased since, say).
+    One partition at a time: what is held is its cut, its affected members' hashes and
+    positions, and up to ``SAVE_LINES`` lines. Returns (None, 0) when no segment the
+    partner depends on changed; else the switch and how many affected positions had no
+    cookie id left (erased since, say).
     """
     plan = plan_switch(ruleset, profile, old, new)
     if plan is None:
         return None, 0
+    views = PartnerView.of(ruleset, profile, old), PartnerView.of(ruleset, profile, new)
+    writer = await SwitchWriter.begin(store, batch_size)
     raw: Any = await client.smembers(partitions_key(prefix, topic))
     cuts: dict[str, str] = {}
-    held: dict[tuple[int, int], frozenset[str]] = {}
+    affected_count = named_count = 0
     for partition in sorted(int(p) for p in raw):
-        cut = await read_cut(client, PartitionKeys(prefix, topic, partition), plan.read)
+        keys = PartitionKeys(prefix, topic, partition)
+        cut = await read_cut(client, keys, plan.read)
         cuts[cut.stream] = cut.entry
         affected = BitMap()
         for segment_id in plan.affected:
             affected |= cut.bitmaps.get(segment_id, BitMap())
-        for local in affected:
-            held[partition, local] = frozenset(s for s, bm in cut.bitmaps.items() if local in bm)
-    wanted: dict[int, list[int]] = {}
-    for partition, local in held:
-        wanted.setdefault(partition, []).append(local)
-    names = await name_positions(client, prefix, topic, wanted)
-    members: dict[str, frozenset[str]] = {}
-    for position, segments in held.items():
-        uid = names.get(position)
-        if uid is not None:  # one id at two positions (its state expired once): both count
-            members[uid] = members.get(uid, frozenset()) | segments
-    changes = switch_changes(
-        PartnerView.of(ruleset, profile, old), PartnerView.of(ruleset, profile, new), members
-    )
-    switch = await store.save(old, new, cuts, changes, batch_size)
+        affected_count += len(affected)
+        if affected:
+            named_count += await name_partition(client, keys, cut, affected, views, writer)
+        del cut, affected  # released before the next partition's cut is read
+        await asyncio.sleep(0)
+    switch = await writer.finish(old, new, cuts)
     log.info(
         "destination %s: switch stored (live now: %s; no longer live: %s); %d cookies at "
-        "the cut, %d partner lines",
+        "the cut, %d partner lines in %d chunks",
         profile.partner_id,
         ", ".join(sorted(new - old)) or "none",
         ", ".join(sorted(old - new)) or "none",
-        len(held),
-        len(changes),
+        affected_count,
+        writer.lines,
+        switch.chunks,
     )
-    return switch, len(held) - len(names)
+    return switch, affected_count - named_count

@@ -118,10 +118,16 @@ def switch_changes(
     old: PartnerView, new: PartnerView, members: Mapping[str, frozenset[str]]
 ) -> list[Change]:
     """Per cookie (by id), what the partner must add and remove for the switch."""
-    changes: list[Change] = []
-    for uid in sorted(members):
-        before = old.partner_ids(members[uid])
-        after = new.partner_ids(members[uid])
-        if before != after:
-            changes.append((uid, sorted(after - before), sorted(before - after)))
-    return changes
+    changes = (switch_change(old, new, uid, members[uid]) for uid in sorted(members))
+    return [change for change in changes if change is not None]
+
+
+def switch_change(
+    old: PartnerView, new: PartnerView, uid: str, members: frozenset[str]
+) -> Change | None:
+    """What the partner must add and remove for one cookie; None when nothing."""
+    before = old.partner_ids(members)
+    after = new.partner_ids(members)
+    if before == after:
+        return None
+    return (uid, sorted(after - before), sorted(before - after))

@@ -1,0 +1,213 @@
+"""A switch of live sets is stored in bounded transactions, the switch itself last, and a
+crash between two of them leads to a whole export, each member once. Real Redis; the
+members are written by PartitionStore (as ingest commits them), four partitions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+
+from dmp import destinations_switch
+from dmp.config import Settings
+from dmp.cookie_state import CookieState
+from dmp.destinations import DestinationMetrics, Exporter
+from dmp.destinations_keys import DestinationKeys
+from dmp.ids import uid_hash
+from dmp.keys import PartitionKeys
+from dmp.partition_batch import BatchPlan
+from dmp.partition_store import PartitionStore
+from segment_rules import CompiledRules, parse_rules
+from tests.integration.conftest import wait_until
+from tests.integration.test_destinations_go_live import ACTIVE, PAUSED, Collected
+from tests.integration.test_partner_destinations import GEO, INTENT, gamma
+
+PARTITIONS = 4
+PER_PARTITION = 80  # 320 members of geo (paused at first) and intent
+SAVE_LINES = 20  # patched in: four chunks of five lines per transaction
+BATCH_SIZE = 5
+
+Commands = list[tuple[str, str]]  # (command, key) of one executed transaction
+
+
+async def populate(client: aioredis.Redis, settings: Settings) -> list[str]:
+    prefix, topic = settings.redis.key_prefix, settings.kafka.topic
+    users: list[str] = []
+    segments = ["auto_new_car_intent", "geo_socal"]
+    for partition in range(PARTITIONS):
+        keys = PartitionKeys(prefix, topic, partition)
+        store = PartitionStore(client, keys, state_ttl=3600, stream_maxlen=10_000)
+        await store.load()
+        uids = [f"p{partition}-{n}" for n in range(PER_PARTITION)]
+        plan = BatchPlan(next_local=len(uids))
+        for local, uid in enumerate(uids):
+            plan.states[uid] = CookieState(local, members=frozenset(segments))
+            plan.new_ids.append((local, uid_hash(uid)))
+        plan.added = {s: list(range(len(uids))) for s in segments}
+        await store.commit(plan, len(uids), 1.0)
+        users += uids
+    return users
+
+
+@contextlib.contextmanager
+def transactions(
+    monkeypatch: pytest.MonkeyPatch,
+    keys: DestinationKeys,
+    crash_after: int | None = None,
+) -> Iterator[list[Commands]]:
+    """Every executed transaction that touches the destination's switch keys, in order;
+    with ``crash_after``, the process "dies" right after that many chunk-storing ones."""
+    seen: list[Commands] = []
+    real: Callable[[Pipeline, bool], Awaitable[list[Any]]] = Pipeline.execute
+
+    async def execute(self: Pipeline, raise_on_error: bool = True) -> list[Any]:
+        commands = [(str(args[0]), str(args[1])) for args, _ in self.command_stack if len(args) > 1]
+        result = await real(self, raise_on_error)
+        if any(key.startswith(keys.switch) for _, key in commands):
+            seen.append(commands)
+            stored = [c for c in seen if ("SET", keys.switch_building) in c]
+            if crash_after is not None and len(stored) == crash_after:
+                raise RuntimeError("crash between two save transactions")
+        return result
+
+    monkeypatch.setattr(Pipeline, "execute", execute)
+    try:
+        yield seen
+    finally:
+        monkeypatch.setattr(Pipeline, "execute", real)
+
+
+def exporter(client: aioredis.Redis, settings: Settings, rules: str, sink: Collected) -> Exporter:
+    profile = gamma(
+        f"{{kind: http, url: 'http://unused', batch_size: {BATCH_SIZE}, interval_seconds: 0.05}}"
+    )
+    return Exporter(
+        client,
+        profile,
+        CompiledRules(parse_rules(rules)),
+        sink,
+        DestinationMetrics.create(),
+        prefix=settings.redis.key_prefix,
+        state_prefix="dest",
+        topic=settings.kafka.topic,
+    )
+
+
+async def switch_keys(client: aioredis.Redis, keys: DestinationKeys) -> list[bytes]:
+    return [k async for k in client.scan_iter(match=f"{keys.switch}*")]
+
+
+async def test_a_switch_is_stored_in_several_bounded_transactions_the_switch_last(
+    settings: Settings, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(destinations_switch, "SAVE_LINES", SAVE_LINES)
+    users = await populate(redis_client, settings)
+    keys = DestinationKeys(settings.redis.key_prefix, "dest", "gamma-dsp")
+    sink = Collected()
+    first = exporter(redis_client, settings, PAUSED, sink)
+    stop = asyncio.Event()
+    task = asyncio.create_task(first.run(stop))
+    everyone = Counter(dict.fromkeys(users, 1))
+    try:
+        await wait_until(lambda: sink.added(INTENT) == everyone, 10, "intent adds")
+        assert sink.added(GEO) == Counter()
+        with transactions(monkeypatch, keys) as seen:
+            first.set_rules(CompiledRules(parse_rules(ACTIVE)))
+            await wait_until(lambda: sink.added(GEO) == everyone, 10, "geo adds")
+            async with asyncio.timeout(5):  # the last switch batch commits after it is sent
+                while await redis_client.exists(keys.switch):
+                    await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+    manifest = next(i for i, c in enumerate(seen) if ("HSET", keys.switch) in c)
+    stored, after = seen[:manifest], seen[manifest + 1 :]
+    chunks = len(users) // BATCH_SIZE
+    assert len(stored) == len(users) // SAVE_LINES  # 16 transactions of 20 lines, then the switch
+    for n, commands in enumerate(stored):
+        per = SAVE_LINES // BATCH_SIZE
+        assert commands == [
+            *(("SET", keys.switch_chunk(c)) for c in range(n * per, (n + 1) * per)),
+            ("SET", keys.switch_building),
+        ]
+    assert seen[manifest] == [("HSET", keys.switch), ("DEL", keys.switch_building)]
+    assert not any(cmd == "SET" for c in after for cmd, _ in c)  # only the batches' commits
+    assert len(after) == chunks
+    lines = [orjson.loads(line) for b in sink.batches for line in b.body.splitlines()]
+    geo_batches = [b for b in sink.batches if b.step is not None]
+    assert len(geo_batches) == chunks
+    assert all(b.users == BATCH_SIZE for b in geo_batches)
+    assert sum(1 for line in lines if GEO in line["add"]) == len(users)
+    assert [b.seq for b in sink.batches if b.users] == list(range(1, len(sink.batches) + 1))
+    assert await switch_keys(redis_client, keys) == []
+
+
+async def test_a_crash_between_two_save_transactions_exports_each_member_once(
+    settings: Settings, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first exporter stores two transactions of the switch's lines and dies: nothing
+    of the switch is visible or sent. The next one clears them, switches from new cuts, and
+    every member gets its add once."""
+    monkeypatch.setattr(destinations_switch, "SAVE_LINES", SAVE_LINES)
+    users = await populate(redis_client, settings)
+    keys = DestinationKeys(settings.redis.key_prefix, "dest", "gamma-dsp")
+    sink = Collected()
+    everyone = Counter(dict.fromkeys(users, 1))
+    first = exporter(redis_client, settings, PAUSED, sink)
+    stop = asyncio.Event()
+    task = asyncio.create_task(first.run(stop))
+    await wait_until(lambda: sink.added(INTENT) == everyone, 10, "intent adds")
+    sent_before = len(sink.batches)
+    with transactions(monkeypatch, keys, crash_after=2) as seen:
+        first.set_rules(CompiledRules(parse_rules(ACTIVE)))
+        with pytest.raises(RuntimeError, match="crash between two save transactions"):
+            await asyncio.wait_for(task, 10)
+    assert len(seen) == 2
+    assert not await redis_client.exists(keys.switch)  # no half switch visible
+    assert int(await redis_client.get(keys.switch_building) or 0) == 2 * SAVE_LINES // BATCH_SIZE
+    assert len(sink.batches) == sent_before  # nothing of it went out
+    assert sink.added(GEO) == Counter()
+
+    # More members join geo between the crash and the restart: the new cuts hold them too.
+    later = PartitionStore(
+        redis_client,
+        PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0),
+        state_ttl=3600,
+        stream_maxlen=10_000,
+    )
+    await later.load()
+    plan = BatchPlan(next_local=PER_PARTITION + 3)
+    extra = [f"late-{n}" for n in range(3)]
+    for n, uid in enumerate(extra):
+        local = PER_PARTITION + n
+        plan.states[uid] = CookieState(local, members=frozenset({"geo_socal"}))
+        plan.new_ids.append((local, uid_hash(uid)))
+    plan.added = {"geo_socal": [PER_PARTITION + n for n in range(3)]}
+    await later.commit(plan, PER_PARTITION + 3, 2.0)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(exporter(redis_client, settings, ACTIVE, sink).run(stop))
+    want = Counter(dict.fromkeys(users + extra, 1))
+    try:
+        await wait_until(lambda: sink.added(GEO) == want, 10, "every member's geo")
+        async with asyncio.timeout(5):
+            while await redis_client.exists(keys.switch):
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # nothing more may arrive
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert sink.added(GEO) == want
+    assert sink.added(INTENT) == everyone
+    assert [b.seq for b in sink.batches if b.users] == list(range(1, len(sink.batches) + 1))
+    assert await switch_keys(redis_client, keys) == []
+    live = orjson.loads(await redis_client.hget(keys.cursor, "#live") or b"[]")
+    assert "geo_socal" in live
