@@ -9,15 +9,17 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from bidder_adapter.app_keys import MATCH_FOLLOWER
 from bidder_adapter.routes import setup_partner_routes
 from dmp.auth import lookup_caller
 from dmp.auth_admin_routes import setup_admin_routes
 from dmp.change_follower import ChangeFollower
 from dmp.config import Settings
 from dmp.limits import request_limits
+from dmp.match_table_follower import MatchTableFollower
 from dmp.metrics import CONTENT_TYPE, LookupMetrics
 from dmp.observed_routes import ObservedRoutes, json_error, json_response
-from dmp.privacy_follow import SUPPRESSION
+from dmp.privacy_follow import SUPPRESSION, SuppressionFollower
 from dmp.privacy_routes import PRIVACY_FOLLOWER, setup_privacy
 from dmp.redis_client import connect
 from dmp.replica import Replica
@@ -149,13 +151,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    follower = request.app[FOLLOWER]
-    privacy = request.app[PRIVACY_FOLLOWER]
-    shard = request.app[REPLICA].shard
+    app = request.app
+    followers: list[ChangeFollower | SuppressionFollower | MatchTableFollower] = [
+        app[FOLLOWER],
+        app[PRIVACY_FOLLOWER],
+    ]
+    if MATCH_FOLLOWER in app:  # with partner routes, buyeruids resolve through it
+        followers.append(app[MATCH_FOLLOWER])
+    shard = app[REPLICA].shard
     held = {} if shard is None else {"shard": shard.label, "partitions": shard.owned_partitions}
-    if not follower.ready.is_set() or not privacy.ready.is_set():
+    if not all(f.ready.is_set() for f in followers):
         return json_response({"status": "loading", **held}, 503)
-    if not follower.healthy or not privacy.healthy:
+    if not all(f.healthy for f in followers):
         # Still answering from memory, but no longer following Redis.
         return json_response({"status": "degraded", **held}, 503)
     return json_response({"status": "ready", **held})

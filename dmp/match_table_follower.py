@@ -134,6 +134,10 @@ class MatchTableFollower:
                     self.table.purge_expired(self.clock())
                     purged = time.monotonic()
                 if not self.cursors:
+                    # No partner has synced yet: the discovery above is the only read, and
+                    # it succeeded (a failure of it would have left through the except).
+                    self.healthy = True
+                    backoff = 0.1
                     await asyncio.sleep(self.block_ms / 1000)
                     continue
                 reply = await self._read()

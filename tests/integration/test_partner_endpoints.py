@@ -14,8 +14,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 from pytest_aiohttp import AiohttpClient
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from bidder_adapter.app_keys import PARTNERS
+from bidder_adapter.app_keys import MATCH_FOLLOWER, PARTNERS
 from dmp.config import Settings
 from dmp.lookup import ROUTES
 from segment_rules import CompiledRules
@@ -28,6 +29,7 @@ from tests.bidder_adapter.partner_yaml import (
 )
 from tests.bidder_adapter.stack import bearer, ready_partner_app, seed_app, with_partners
 from tests.bidder_adapter.test_openrtb_read import TCF_CORE
+from tests.integration.conftest import wait_until
 
 Client = TestClient[Any, Any]
 USER = "cookie-both-views"
@@ -342,3 +344,28 @@ async def test_openapi_document_is_valid_and_covers_every_route(
     }
     assert routes - documented == set()
     assert documented - routes == set()
+
+
+async def test_readyz_is_degraded_while_the_match_table_cannot_be_followed(
+    served: tuple[Client, web.Application], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without the match table, buyeruids stop resolving: the replica must say so, as it
+    # does when its own change streams cannot be followed.
+    client, app = served
+    follower = app[MATCH_FOLLOWER]
+    assert (await client.get("/readyz")).status == 200
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise RedisConnectionError("match table's Redis is unreachable")
+
+    # Its two reads: partner discovery (every second) and the streams of known partners.
+    monkeypatch.setattr(follower.client, "smembers", unreachable)
+    monkeypatch.setattr(follower.client, "xread", unreachable)
+    await wait_until(lambda: not follower.healthy, 10, "the follower to see the failure")
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert (await response.json())["status"] == "degraded"
+
+    monkeypatch.undo()
+    await wait_until(lambda: follower.healthy, 15, "the follower to recover")
+    assert (await client.get("/readyz")).status == 200
