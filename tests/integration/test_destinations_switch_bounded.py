@@ -1,6 +1,7 @@
-"""A switch of live sets is stored in bounded transactions, the switch itself last, and a
-crash between two of them leads to a whole export, each member once. Real Redis; the
-members are written by PartitionStore (as ingest commits them), four partitions."""
+"""A switch of live sets is stored in bounded transactions, the switch itself last; a
+crash between two of them leads to a whole export, each member once, or (the version put
+back before the restart) to nothing of it left in Redis. Real Redis; the members are
+written by PartitionStore (as ingest commits them), four partitions."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from pyroaring import BitMap
 from redis.asyncio.client import Pipeline
 
 from dmp import destinations_switch
@@ -211,3 +213,70 @@ async def test_a_crash_between_two_save_transactions_exports_each_member_once(
     assert await switch_keys(redis_client, keys) == []
     live = orjson.loads(await redis_client.hget(keys.cursor, "#live") or b"[]")
     assert "geo_socal" in live
+
+
+async def test_a_switch_cut_short_and_no_longer_due_leaves_nothing_behind(
+    settings: Settings, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first exporter dies storing a switch; the version is put back before the restart,
+    so no switch is due and nothing would overwrite its chunks: the restart deletes them."""
+    monkeypatch.setattr(destinations_switch, "SAVE_LINES", SAVE_LINES)
+    users = await populate(redis_client, settings)
+    keys = DestinationKeys(settings.redis.key_prefix, "dest", "gamma-dsp")
+    sink = Collected()
+    everyone = Counter(dict.fromkeys(users, 1))
+    first = exporter(redis_client, settings, PAUSED, sink)
+    task = asyncio.create_task(first.run(asyncio.Event()))
+    await wait_until(lambda: sink.added(INTENT) == everyone, 10, "intent adds")
+    with transactions(monkeypatch, keys, crash_after=2):
+        first.set_rules(CompiledRules(parse_rules(ACTIVE)))
+        with pytest.raises(RuntimeError, match="crash between two save transactions"):
+            await asyncio.wait_for(task, 10)
+    left = await switch_keys(redis_client, keys)
+    assert len(left) == 2 * SAVE_LINES // BATCH_SIZE + 1  # the chunks and the count
+
+    # A new member of intent, so the restarted exporter is seen to get past its start.
+    later = PartitionStore(
+        redis_client,
+        PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0),
+        state_ttl=3600,
+        stream_maxlen=10_000,
+    )
+    await later.load()
+    plan = BatchPlan(next_local=PER_PARTITION + 1)
+    plan.states["after"] = CookieState(PER_PARTITION, members=frozenset({"auto_new_car_intent"}))
+    plan.new_ids.append((PER_PARTITION, uid_hash("after")))
+    plan.added = {"auto_new_car_intent": [PER_PARTITION]}
+    await later.commit(plan, PER_PARTITION + 1, 2.0)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(exporter(redis_client, settings, PAUSED, sink).run(stop))
+    try:
+        await wait_until(lambda: sink.added(INTENT)["after"] == 1, 10, "the new member's add")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert await switch_keys(redis_client, keys) == []
+    assert sink.added(GEO) == Counter()
+    live = orjson.loads(await redis_client.hget(keys.cursor, "#live") or b"[]")
+    assert "geo_socal" not in live
+
+
+async def test_id_index_reads_every_slice_and_leaves_out_what_cannot_be_named(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    """Positions over three 65,536-position slices of ``ids``: each gets its own hash;
+    blanked ones (erased) and ones past what ingest wrote are left out."""
+    keys = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0)
+    written = 2 * destinations_switch.IDS_SLICE + 100
+    hashes = [uid_hash(f"u{n}") for n in range(written)]
+    blanked = {7, destinations_switch.IDS_SLICE, written - 1}
+    for n in blanked:
+        hashes[n] = 0
+    await redis_client.set(keys.ids, b"".join(h.to_bytes(8, "big") for h in hashes))
+    wanted = [*range(0, written, 997), *blanked, 65535, 65537, written, written + 5]
+    got_hashes, got_positions = await destinations_switch.id_index(
+        redis_client, keys, BitMap(wanted)
+    )
+    expected = sorted((hashes[p], p) for p in set(wanted) if p < written and hashes[p])
+    assert list(zip(got_hashes.tolist(), got_positions.tolist(), strict=True)) == expected
