@@ -118,7 +118,7 @@ class Backfill:
             report.skipped_partitions = len(tps) - len(todo)
             if todo and job.targets:
                 await self._check_days(job, days, [tp for tp in tps if tp not in todo])
-                await self._read_all(consumer, job, days, live_from, todo, report)
+                await self._read_all(consumer, job, days, live_from, tps, todo, report)
         finally:
             await consumer.stop()
         await self._wait_merged(tps, job, merge_timeout)
@@ -151,7 +151,8 @@ class Backfill:
             elif len(others) < len(tps):
                 raise BackfillError(
                     f"trait {tid} of '{job.segment}' is half backfilled by {others[0]['job']}: "
-                    "run that backfill again to finish it first"
+                    "run that backfill again to finish it first (or abandon it: "
+                    f"`dmp rules backfill {others[0]['job'].rsplit('@', 1)[0]} --abandon`)"
                 )
             else:
                 notes.append(
@@ -218,8 +219,8 @@ class Backfill:
             again = f"--days {next(iter(other)):g}" if len(other) == 1 else "those --days"
             raise BackfillError(
                 f"{job.name} was started with {before}: resumed with --days {days:g}, the other "
-                f"partitions would read another period. Run it again with {again}. "
-                "Nothing was changed."
+                f"partitions would read another period. Run it again with {again}, or "
+                f"`dmp rules backfill {job.segment} --abandon` to start over. Nothing was changed."
             )
 
     async def _read_all(
@@ -228,6 +229,7 @@ class Backfill:
         job: Job,
         days: float,
         live_from: dict[TopicPartition, int],
+        tps: Sequence[TopicPartition],
         todo: Sequence[TopicPartition],
         report: Report,
     ) -> None:
@@ -262,7 +264,7 @@ class Backfill:
                 and (report.oldest_available is None or first < report.oldest_available)
             ):
                 report.oldest_available = first
-            await self._stage(tp, job, events, days)
+            await self._stage(tp, job, events, days, [t.partition for t in tps])
             report.staged += len(events)
         report.read_seconds = time.perf_counter() - started
         progress.finish()
@@ -326,7 +328,12 @@ class Backfill:
         return kept, first
 
     async def _stage(
-        self, tp: TopicPartition, job: Job, events: list[dict[str, Any]], days: float
+        self,
+        tp: TopicPartition,
+        job: Job,
+        events: list[dict[str, Any]],
+        days: float,
+        partitions: list[int],
     ) -> None:
         """All of one partition's history in one transaction: whole, or not at all."""
         keys = self._keys(tp)
@@ -335,7 +342,14 @@ class Backfill:
         if not chunks:
             chunks = [[]]  # an empty stage still tells the owner to mark the job merged
         manifest = Manifest(
-            job.name, job.segment, len(chunks), 0, list(job.targets), len(events), days
+            job.name,
+            job.segment,
+            len(chunks),
+            0,
+            list(job.targets),
+            len(events),
+            days,
+            partitions=partitions,
         )
         async with self.client.pipeline(transaction=True) as pipe:
             for n, chunk in enumerate(chunks):
@@ -362,7 +376,10 @@ class Backfill:
                 stage = stages.get(job.name)
                 if stage is not None and stage.error:
                     raise BackfillError(
-                        f"partition {tp.partition} refused the backfill: {stage.error}"
+                        f"partition {tp.partition} refused the backfill: {stage.error}. "
+                        f"Running it again cannot finish it: `dmp rules backfill "
+                        f"{job.segment} --abandon` drops the job (what merged stays, "
+                        f"'{job.segment}' stays paused), then start it over"
                     )
             if len(merged) < len(tps):
                 if time.monotonic() > deadline:

@@ -48,6 +48,7 @@ class Manifest:
     days: float = 0.0
     merged: int = 0
     error: str = ""
+    partitions: list[int] | None = None  # the topic's partitions it was staged for
 
     def encode(self) -> bytes:
         return orjson.dumps(self.__dict__)
@@ -138,7 +139,13 @@ class BackfillOwner:
             pipe.delete(chunk_key)
             if last:
                 pipe.hdel(keys.backfill_stages, manifest.job)
-                summary = {"events": manifest.events, "merged": manifest.merged, "at": now}
+                summary: dict[str, Any] = {
+                    "events": manifest.events,
+                    "merged": manifest.merged,
+                    "at": now,
+                }
+                if manifest.partitions is not None:
+                    summary["partitions"] = manifest.partitions
                 pipe.hset(keys.backfilled, manifest.job, orjson.dumps(summary))
                 # Per trait too: another segment's backfill must not replay them again.
                 filled = orjson.dumps({"job": manifest.job, "days": manifest.days})

@@ -24,7 +24,7 @@ from dmp.redis_types import as_str
 @dataclass
 class Unfinished:
     job: str  # segment@start-version
-    partitions: list[int]  # every partition of the topic
+    partitions: list[int]  # the partitions it was staged for (else: the topic's now)
     merged: set[int] = field(default_factory=set)
     staged: set[int] = field(default_factory=set)  # a stage waiting for its owner to merge it
     errors: list[str] = field(default_factory=list)  # stages their owners refused
@@ -56,9 +56,13 @@ class Unfinished:
 
 
 async def unfinished_backfills(client: aioredis.Redis, prefix: str, topic: str) -> list[Unfinished]:
+    """Jobs not merged on every partition they were staged for (the topic's partitions now,
+    for a job whose stages predate that record): partitions added to the topic later do not
+    make a finished job unfinished."""
     raw: Any = await client.smembers(partitions_key(prefix, topic))
     partitions = sorted(int(p) for p in raw)
     jobs: dict[str, Unfinished] = {}
+    staged_for: dict[str, set[int]] = {}
 
     def job(name: str) -> Unfinished:
         return jobs.setdefault(name, Unfinished(name, partitions))
@@ -74,6 +78,9 @@ async def unfinished_backfills(client: aioredis.Redis, prefix: str, topic: str) 
                     job(mark["job"]).days.add(float(mark["days"]))
             else:
                 job(name).merged.add(partition)
+                summary = orjson.loads(value)
+                if summary.get("partitions") is not None:
+                    staged_for.setdefault(name, set()).update(summary["partitions"])
         stages = decode_jobs(await client.hgetall(keys.backfill_stages))
         for name, manifest in stages.items():
             job(name).staged.add(partition)
@@ -81,7 +88,11 @@ async def unfinished_backfills(client: aioredis.Redis, prefix: str, topic: str) 
                 job(name).days.add(manifest.days)
             if manifest.error:
                 job(name).errors.append(f"partition {partition}: {manifest.error}")
-    return [j for j in jobs.values() if j.staged or j.merged != set(partitions)]
+            if manifest.partitions is not None:
+                staged_for.setdefault(name, set()).update(manifest.partitions)
+    for name, recorded in staged_for.items():
+        jobs[name].partitions = sorted(recorded)
+    return [j for j in jobs.values() if j.staged or not set(j.partitions) <= j.merged]
 
 
 def going_live(before: Iterable[tuple[str, str]], after: Iterable[tuple[str, str]]) -> set[str]:

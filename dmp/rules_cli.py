@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from dmp.audience import Audience
 from dmp.backfill import CHUNK_EVENTS, Backfill, Report
+from dmp.backfill_abandon import abandon
 from dmp.backfill_job import BackfillError
 from dmp.backfill_status import going_live, unfinished_backfills
 from dmp.config import Settings
@@ -65,7 +66,14 @@ def add_rules_commands(rules_sub: argparse._SubParsersAction[argparse.ArgumentPa
         "backfill", help="build a paused segment from the history in Kafka, then make it live"
     )
     p.add_argument("segment")
-    p.add_argument("--days", type=float, required=True, help="history to read, in days")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--days", type=float, help="history to read, in days")
+    what.add_argument(
+        "--abandon",
+        action="store_true",
+        help="drop the segment's unfinished backfill (stages and bookkeeping; what merged "
+        "stays, the segment stays paused) so that apply takes it and a backfill starts over",
+    )
     p.add_argument(
         "--wait", type=float, default=60.0, help="seconds to wait for ingest to take the version"
     )
@@ -145,10 +153,12 @@ async def _half_backfilled(
         f"error: '{u.segment}' would go live half backfilled: {u.describe()}." for u in blocked
     ]
     commands = " and ".join(f"`{u.rerun}`" for u in blocked)
+    abandons = " and ".join(f"`dmp rules backfill {u.segment} --abandon`" for u in blocked)
     lines.append(
         "Lookups and partners would get part of its audience, then the rest as it merges. "
-        f"Run {commands} again (it finishes the merge, then makes the segment live). "
-        "Nothing was changed; --force makes it live as it is."
+        f"Run {commands} again (it finishes the merge, then makes the segment live), "
+        f"or {abandons} to drop the job (a stage its partition refused cannot finish) and "
+        "start over. Nothing was changed; --force makes it live as it is."
     )
     return "\n".join(lines)
 
@@ -254,7 +264,38 @@ async def _sample(args: argparse.Namespace, settings: Settings, client: aioredis
     return 0
 
 
+async def _abandon(args: argparse.Namespace, settings: Settings, client: aioredis.Redis) -> int:
+    prefix, topic = settings.redis.key_prefix, settings.kafka.topic
+    jobs, removed = await abandon(client, prefix, topic, args.segment)
+    if not jobs:
+        print(f"{args.segment}: no unfinished backfill: nothing to abandon")
+        return 0
+    for job in jobs:
+        print(f"abandoning {job.describe()}")
+    for partition in removed:
+        print(f"  {partition.describe()}")
+    merged = [r.partition for r in removed if r.had_merged]  # whole or some chunks
+    print(
+        f"What was merged stays in the store (partitions {merged}); '{args.segment}' stays "
+        "paused and is no longer held back by the job: `dmp rules apply` takes it as it is, "
+        f"or `dmp rules backfill {args.segment} --days D` starts over"
+        if merged
+        else f"Nothing had merged; '{args.segment}' stays paused and is no longer held back "
+        f"by the job: `dmp rules backfill {args.segment} --days D` starts over"
+    )
+    if merged:
+        print(
+            f"note: starting over reads the history again on partitions {merged}, whose "
+            "merged history is still in the segment's traits: counting rules would count "
+            "it twice there"
+        )
+    return 0
+
+
 def _backfill(args: argparse.Namespace, settings: Settings) -> int:
+    if args.abandon:
+        return _sync(_abandon)(args, settings)
+
     async def main() -> Report:
         client = connect(settings.redis)
         try:

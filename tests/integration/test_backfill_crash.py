@@ -286,7 +286,10 @@ async def test_a_half_merged_job_refuses_a_rollback_to_it_live_and_a_resume_over
     assert (
         f"error: {JOB} was started with --days 8 on partitions [0]: resumed with --days 30" in err
     )
-    assert "Run it again with --days 8. Nothing was changed." in err
+    assert (
+        "Run it again with --days 8, or `dmp rules backfill clickers --abandon` to start over. "
+        "Nothing was changed."
+    ) in err
     assert not await redis_client.hexists(parts[1].backfill_stages, JOB)
     assert (await versions.active_number()) == 2
 
@@ -296,6 +299,7 @@ async def test_a_half_merged_job_refuses_a_rollback_to_it_live_and_a_resume_over
     code, _, err = await dmp_cli(settings, "rules", "apply", str(live_text))
     assert code == 1
     assert "Run `dmp rules backfill clickers --days 8` again" in err
+    assert "or `dmp rules backfill clickers --abandon` to drop the job" in err
     code, out, err = await dmp_cli(settings, "rules", "apply", "--force", str(live_text))
     assert code == 0, err
     await versions.apply(V2, "v2.yaml")  # version 4: paused again

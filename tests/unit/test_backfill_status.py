@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dmp.backfill_abandon import Removed
 from dmp.backfill_status import Unfinished, going_live
 
 
@@ -31,3 +32,18 @@ def test_the_rerun_names_the_period_the_job_was_started_with() -> None:
     # Unknown (a stage from before manifests kept it) or, impossibly, two: a placeholder.
     assert Unfinished("clickers@2", [0, 1]).rerun.endswith("--days D")
     assert Unfinished("clickers@2", [0, 1], days={8.0, 30.0}).rerun.endswith("--days D")
+
+
+def test_what_abandoning_removed_from_a_partition_is_told() -> None:
+    nothing = Removed(3)
+    assert nothing.empty
+    assert not nothing.had_merged
+    partly = Removed(1, stages=["c@2 (2 of 5 chunks merged)"], chunks=3, chunks_merged=2)
+    assert partly.had_merged  # two chunks' history is in the cookie states
+    assert (
+        partly.describe()
+        == "partition 1: removed stage c@2 (2 of 5 chunks merged); 3 unmerged chunks"
+    )
+    done = Removed(0, merged=["c@2"], marks=["trait:t@2"])
+    assert done.had_merged
+    assert done.describe() == "partition 0: removed merged marker c@2; trait marks trait:t@2"
