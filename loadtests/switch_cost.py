@@ -1,14 +1,15 @@
 """What a destination's switch of live sets costs the `dmp destinations` process and Redis.
 
     python -m loadtests.switch_cost [--members 200000] [--others 200000] [--partitions 4]
-                                    [--runs 2] [--old-commit 78b3b4f]
+                                    [--runs 2] [--old-commit REV]
 
 Writes ``--members`` cookies in intent and geo_socal (paused) and ``--others`` in intent
 only, over ``--partitions`` partitions, in the store's layout (PartitionStore commits, as
 ingest writes them) under a fresh prefix of the configured Redis. Then, each in a fresh
 process, ``start_switch`` makes geo_socal live for a partner granted it plainly (batches of
-500): once with dmp/destinations_switch.py as it is, once with the version of
-``--old-commit`` (read from git). Per run: wall and CPU seconds of ``start_switch``; peak
+500) with dmp/destinations_switch.py as it is and, given ``--old-commit REV`` (read from
+git; needs the history, e.g. ``78b3b4f`` for the switch before it was bounded), with that
+version too, alternating. Per run: wall and CPU seconds of ``start_switch``; peak
 RSS above the RSS before it (``VmHWM`` reset through ``/proc/self/clear_refs``); the longest
 the event loop went without running another task (a 5 ms ticker); and the largest write
 transaction (bytes of arguments, client-side seconds of its EXEC). Prints a table and
@@ -226,7 +227,7 @@ def main() -> None:
     parser.add_argument("--others", type=int, default=200_000)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--old-commit", default="78b3b4f")
+    parser.add_argument("--old-commit", default=None, help="also measure this git revision")
     parser.add_argument("--child", nargs=2, metavar=("PREFIX", "COMMIT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     url, _ = stack_urls()
@@ -242,7 +243,7 @@ def main() -> None:
         asyncio.run(populate(url, prefix, args.members, args.others, args.partitions))
         print(f"populated {prefix} in {time.perf_counter() - started:.1f}s", flush=True)
         for _ in range(args.runs):
-            for commit in (args.old_commit, "-"):
+            for commit in ([args.old_commit] if args.old_commit else []) + ["-"]:
                 child = [sys.executable, "-m", "loadtests.switch_cost", "--child", prefix, commit]
                 out = subprocess.run(child, cwd=REPO, check=True, capture_output=True, text=True)
                 results.append(json.loads(out.stdout.strip().splitlines()[-1]))

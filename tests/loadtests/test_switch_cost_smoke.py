@@ -15,12 +15,13 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_switch_cost_runs_both_versions_and_reports_them() -> None:
+def test_switch_cost_runs_and_reports() -> None:
+    # Only the current code: a comparison with an old revision (--old-commit) needs the git
+    # history, which a shallow clone has not.
     argv = [sys.executable, "-m", "loadtests.switch_cost", "--members", "300", "--others", "100"]
     subprocess.run([*argv, "--runs", "1"], cwd=REPO, check=True, capture_output=True, timeout=120)
     doc = orjson.loads((RESULTS / "switch_cost.json").read_bytes())
     assert doc["members"] == 300
-    old, new = doc["runs"]
-    assert old["lines"] == new["lines"] == 300
-    assert old["write_transactions"] == 1
-    assert new["write_transactions"] == 2  # 300 lines: one transaction, then the switch
+    (run,) = doc["runs"]
+    assert run["lines"] == 300
+    assert run["write_transactions"] == 2  # 300 lines: one transaction, then the switch
