@@ -13,10 +13,13 @@ adds, of a segment paused as removes), and exports the entries after the cut und
 new set. Each member is sent once: before the cut it was hidden, after it only its
 changes go out.
 
-The work is bounded, one partition at a time: its cut, its affected members' cookie-id
-hashes (12 bytes each, in numpy arrays), a scan of its cookie key names that names them,
-and their lines, stored as they are made in transactions of at most ``SAVE_LINES`` lines;
-then the next partition. The switch becomes visible (the ``switch`` hash: live sets, cuts,
+The work is bounded. Per partition, its cut and its affected members' cookie-id hashes
+(12 bytes each with their positions, in sorted numpy arrays); then one scan of the topic's
+cookie key names names the members of all those partitions at once (a SCAN walks the whole
+keyspace whatever its ``MATCH``, so a scan per partition cost partitions x keys), and their
+lines are stored as they are made in transactions of at most ``SAVE_LINES`` lines. Past
+``NAME_MEMBERS`` affected members held, the partitions cut so far are named by a scan of
+their own before the next ones are cut, so memory stays bounded. The switch becomes visible (the ``switch`` hash: live sets, cuts,
 how many chunks) in one last transaction; until then nothing of it is sent. A crash before
 that leaves numbered chunks nobody reads and a ``switch:building`` count: the next attempt
 deletes them and starts over from new cuts (nothing of the switch was sent and the cursors
@@ -62,6 +65,11 @@ LIVE_FIELD = "#live"  # in the destination's cursor hash: the live set it export
 # it is written. 2,000 lines are ~100-200 KB of JSON, a millisecond or two of Redis; the
 # whole switch of a 10M-member segment in one MULTI would be ~600 MB.
 SAVE_LINES = 2000
+# Affected members whose hashes are held for one scan of the key names (12 bytes each in
+# the sorted arrays: ~120 MB at the limit, plus one partition's over it and the sort's
+# temporaries of one partition while its arrays are built). Below it, one scan names all
+# partitions; a larger switch takes one scan per ~NAME_MEMBERS members.
+NAME_MEMBERS = 10_000_000
 DELETE_KEYS = 1000  # chunk keys per DEL when an unfinished switch is cleared
 U64 = npt.NDArray[np.uint64]
 U32 = npt.NDArray[np.uint32]
@@ -133,46 +141,74 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-async def name_partition(
+class _Naming:
+    """One partition's affected positions waiting to be named: its cut's bitmaps, their
+    cookie-id hashes (sorted) and positions, and the positions named so far."""
+
+    def __init__(self, cut: Cut, hashes: U64, positions: U32) -> None:
+        self.bitmaps = list(cut.bitmaps.items())
+        self.hashes = hashes
+        self.positions = positions
+        self.named = BitMap()
+
+
+def cookie_pattern(prefix: str, topic: str) -> str:
+    """A SCAN ``MATCH`` for the cookie key names of every partition of the topic.
+
+    ``*`` stands for the partition number, but a glob cannot say "digits only" (nor keep
+    ``*`` from running past the ``}``): ``name_partitions`` takes a key for a partition's
+    only when the whole of its hash tag after ``{topic:`` is that partition's number.
+    """
+    return f"{_glob_escape(prefix)}:{{{_glob_escape(topic)}:*}}:c:*"
+
+
+async def name_partitions(
     client: aioredis.Redis,
-    keys: PartitionKeys,
-    cut: Cut,
-    affected: BitMap,
+    prefix: str,
+    topic: str,
+    group: Mapping[int, _Naming],
     views: tuple[PartnerView, PartnerView],
     writer: SwitchWriter,
 ) -> int:
-    """Name the partition's affected positions and hand their lines to ``writer``.
+    """Name the affected positions of the ``group``'s partitions and hand their lines to
+    ``writer``; how many were named.
 
     Nothing maps a position to its id (docs/partners.md, "Where the user ids come from"),
     but each cookie's state key holds its id and ``ids`` holds the id's hash per position:
-    one scan of the partition's key names (not the states) matches them up. Returns how
-    many of the affected positions were named.
+    one scan of the topic's cookie key names (not the states), for all the partitions of
+    the group at once, matches them up. A SCAN walks every key of the database (of each
+    master on a cluster) whatever its ``MATCH``: one per partition cost partitions x keys.
     """
-    hashes, positions = await id_index(client, keys, affected)
-    if not len(hashes):
-        return 0
     old, new = views
-    bitmaps = list(cut.bitmaps.items())
-    named = BitMap()
-    head = len(keys.tag) + len(":c:")
-    async for page in scan_batches(client, f"{_glob_escape(keys.tag)}:c:*", SCAN_COUNT):
-        uids = [as_str(key)[head:] for key in page]
-        found = np.fromiter((uid_hash(u) for u in uids), dtype=np.uint64, count=len(uids))
-        lows = np.searchsorted(hashes, found, side="left")
-        highs = np.searchsorted(hashes, found, side="right")
-        for i in np.flatnonzero(highs > lows).tolist():
-            # One id at two positions (its state expired once): both count. A position
-            # named already is a key SCAN returned twice.
-            at = [p for p in positions[lows[i] : highs[i]].tolist() if p not in named]
-            if not at:
-                continue
-            named.update(at)
-            members = frozenset(s for s, bm in bitmaps if any(p in bm for p in at))
-            change = switch_change(old, new, uids[i], members)
-            if change is not None:
-                await writer.add(change)
+    head = f"{prefix}:{{{topic}:"
+    # By the partition number as the key spells it: "1" is not "10" (nor "01", nor "1}x").
+    by_tag = {str(partition): part for partition, part in group.items()}
+    async for page in scan_batches(client, cookie_pattern(prefix, topic), SCAN_COUNT):
+        uids: dict[str, list[str]] = {}
+        for key in page:
+            name = as_str(key)
+            # The first "}:c:" after the head closes the tag: a partition number has none.
+            tag, sep, uid = name[len(head) :].partition("}:c:")
+            if sep and tag in by_tag and name.startswith(head):
+                uids.setdefault(tag, []).append(uid)
+        for tag, names in uids.items():
+            part = by_tag[tag]
+            found = np.fromiter((uid_hash(u) for u in names), dtype=np.uint64, count=len(names))
+            lows = np.searchsorted(part.hashes, found, side="left")
+            highs = np.searchsorted(part.hashes, found, side="right")
+            for i in np.flatnonzero(highs > lows).tolist():
+                # One id at two positions (its state expired once): both count. A position
+                # named already is a key SCAN returned twice.
+                at = [p for p in part.positions[lows[i] : highs[i]].tolist() if p not in part.named]
+                if not at:
+                    continue
+                part.named.update(at)
+                members = frozenset(s for s, bm in part.bitmaps if any(p in bm for p in at))
+                change = switch_change(old, new, names[i], members)
+                if change is not None:
+                    await writer.add(change)
         await asyncio.sleep(0)  # a page of keys at a time: other exporters, /metrics
-    return len(named)
+    return sum(len(part.named) for part in group.values())
 
 
 @dataclass(frozen=True)
@@ -354,10 +390,13 @@ async def start_switch(
 ) -> tuple[Switch | None, int]:
     """Cut each partition's stream, work out and store its partner lines; then the switch.
 
-    One partition at a time: what is held is its cut, its affected members' hashes and
-    positions, and up to ``SAVE_LINES`` lines. Returns (None, 0) when no segment the
-    partner depends on changed; else the switch and how many affected positions had no
-    cookie id left (erased since, say).
+    Each partition's cut is read in its own MULTI and its affected members' hashes then;
+    the partitions are named together, by one scan of the topic's cookie keys, once the
+    affected members held reach ``NAME_MEMBERS`` (or all partitions are cut). Held at a
+    time: the cuts and hash arrays of the partitions waiting for that scan, and up to
+    ``SAVE_LINES`` lines. Returns (None, 0) when no segment the partner depends on
+    changed; else the switch and how many affected positions had no cookie id left
+    (erased since, say).
     """
     plan = plan_switch(ruleset, profile, old, new)
     if plan is None:
@@ -366,7 +405,8 @@ async def start_switch(
     writer = await SwitchWriter.begin(store, batch_size)
     raw: Any = await client.smembers(partitions_key(prefix, topic))
     cuts: dict[str, str] = {}
-    affected_count = named_count = 0
+    affected_count = named_count = waiting = scans = 0
+    group: dict[int, _Naming] = {}
     for partition in sorted(int(p) for p in raw):
         keys = PartitionKeys(prefix, topic, partition)
         cut = await read_cut(client, keys, plan.read)
@@ -376,18 +416,29 @@ async def start_switch(
             affected |= cut.bitmaps.get(segment_id, BitMap())
         affected_count += len(affected)
         if affected:
-            named_count += await name_partition(client, keys, cut, affected, views, writer)
-        del cut, affected  # released before the next partition's cut is read
+            hashes, positions = await id_index(client, keys, affected)
+            if len(hashes):
+                group[partition] = _Naming(cut, hashes, positions)
+                waiting += len(hashes)
+        del cut, affected
+        if waiting >= NAME_MEMBERS:  # the budget is reached: name these before cutting more
+            named_count += await name_partitions(client, prefix, topic, group, views, writer)
+            scans += 1
+            group, waiting = {}, 0
         await asyncio.sleep(0)
+    if group:
+        named_count += await name_partitions(client, prefix, topic, group, views, writer)
+        scans += 1
     switch = await writer.finish(old, new, cuts)
     log.info(
         "destination %s: switch stored (live now: %s; no longer live: %s); %d cookies at "
-        "the cut, %d partner lines in %d chunks",
+        "the cut, %d partner lines in %d chunks, %d scan(s) of the key names",
         profile.partner_id,
         ", ".join(sorted(new - old)) or "none",
         ", ".join(sorted(old - new)) or "none",
         affected_count,
         writer.lines,
         switch.chunks,
+        scans,
     )
     return switch, affected_count - named_count

@@ -12,7 +12,8 @@ git; needs the history, e.g. ``78b3b4f`` for the switch before it was bounded), 
 version too, alternating. Per run: wall and CPU seconds of ``start_switch``; peak
 RSS above the RSS before it (``VmHWM`` reset through ``/proc/self/clear_refs``); the longest
 the event loop went without running another task (a 5 ms ticker); and the largest write
-transaction (bytes of arguments, client-side seconds of its EXEC). Prints a table and
+transaction (bytes of arguments, client-side seconds of its EXEC); how many scans of the
+key names it made (``scan_iter`` walks of the database) and ``SCAN`` commands. Prints a table and
 writes results/switch_cost.json. Everything written is deleted at the end.
 """
 
@@ -164,6 +165,19 @@ async def measure(url: str, prefix: str, commit: str | None) -> dict[str, Any]:
                 writes.append((size, time.perf_counter() - started))
 
     Pipeline.execute = execute  # type: ignore[method-assign]  # a measuring wrapper
+    scans = {"passes": 0, "commands": 0}  # scan_iter walks of the database; SCAN commands
+    real_iter, real_scan = aioredis.Redis.scan_iter, aioredis.Redis.scan
+
+    def scan_iter(self: aioredis.Redis, *args: Any, **kwargs: Any) -> Any:
+        scans["passes"] += 1
+        return real_iter(self, *args, **kwargs)
+
+    async def scan(self: aioredis.Redis, *args: Any, **kwargs: Any) -> Any:
+        scans["commands"] += 1
+        return await real_scan(self, *args, **kwargs)
+
+    aioredis.Redis.scan_iter = scan_iter  # type: ignore[method-assign, assignment]
+    aioredis.Redis.scan = scan  # type: ignore[method-assign, assignment]
     stall = 0.0
     done = asyncio.Event()
 
@@ -211,12 +225,16 @@ async def measure(url: str, prefix: str, commit: str | None) -> dict[str, Any]:
                 max((s for s, _ in writes), default=0) / 2**20, 2
             ),
             "largest_write_transaction_seconds": round(max((t for _, t in writes), default=0.0), 3),
+            "scan_passes": scans["passes"],
+            "scan_commands": scans["commands"],
             "chunks": switch.chunks,
             "lines": lines,
             "unnamed": unnamed,
         }
     finally:
         Pipeline.execute = real  # type: ignore[method-assign]
+        aioredis.Redis.scan_iter = real_iter  # type: ignore[method-assign]
+        aioredis.Redis.scan = real_scan  # type: ignore[method-assign]
         await clean(url, keys.tag)
         await client.aclose()
 

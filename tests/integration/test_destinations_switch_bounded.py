@@ -1,7 +1,8 @@
 """A switch of live sets is stored in bounded transactions, the switch itself last; a
 crash between two of them leads to a whole export, each member once, or (the version put
 back before the restart) to nothing of it left in Redis. Real Redis; the members are
-written by PartitionStore (as ingest commits them), four partitions."""
+written by PartitionStore (as ingest commits them), four partitions (twelve where one scan
+of the key names must name them all, partition 1 told apart from 10)."""
 
 from __future__ import annotations
 
@@ -280,3 +281,98 @@ async def test_id_index_reads_every_slice_and_leaves_out_what_cannot_be_named(
     )
     expected = sorted((hashes[p], p) for p in set(wanted) if p < written and hashes[p])
     assert list(zip(got_hashes.tolist(), got_positions.tolist(), strict=True)) == expected
+
+
+async def twelve_partitions(
+    client: aioredis.Redis, settings: Settings, per_partition: int
+) -> dict[int, list[str]]:
+    """Members of intent and geo in partitions 0..11; ``shared`` in both 1 and 10, then its
+    key in partition 1 deleted (its state expired, say): there it cannot be named."""
+    prefix, topic = settings.redis.key_prefix, settings.kafka.topic
+    segments = frozenset({"auto_new_car_intent", "geo_socal"})
+    users: dict[int, list[str]] = {}
+    for partition in range(12):
+        keys = PartitionKeys(prefix, topic, partition)
+        store = PartitionStore(client, keys, state_ttl=3600, stream_maxlen=10_000)
+        await store.load()
+        uids = [f"q{partition}-{n}" for n in range(per_partition)]
+        uids += ["shared"] if partition in (1, 10) else []
+        plan = BatchPlan(next_local=len(uids))
+        for local, uid in enumerate(uids):
+            plan.states[uid] = CookieState(local, members=segments)
+            plan.new_ids.append((local, uid_hash(uid)))
+        plan.added = {s: list(range(len(uids))) for s in segments}
+        await store.commit(plan, len(uids), 1.0)
+        users[partition] = uids
+    await client.delete(PartitionKeys(prefix, topic, 1).cookie("shared"))
+    # Keys the pattern lets through but that are no cookie of a partition of the topic.
+    await client.set(f"{prefix}:{{{topic}:x1}}:c:q1-0", b"")
+    await client.set(f"{prefix}:{{{topic}:1}}x}}:c:shared", b"")
+    return users
+
+
+async def switch_lines(client: aioredis.Redis, settings: Settings) -> tuple[Counter[str], int, int]:
+    """geo adds per cookie id of a switch making geo live, its unnamed count and scans."""
+    keys = DestinationKeys(settings.redis.key_prefix, "dest", "gamma-dsp")
+    store = destinations_switch.SwitchStore(client, keys)
+    scans = 0
+    real = aioredis.Redis.scan_iter
+
+    def scan_iter(self: aioredis.Redis, *args: Any, **kwargs: Any) -> Any:
+        nonlocal scans
+        scans += 1
+        return real(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(aioredis.Redis, "scan_iter", scan_iter)
+        switch, unnamed = await destinations_switch.start_switch(
+            client,
+            store,
+            prefix=settings.redis.key_prefix,
+            topic=settings.kafka.topic,
+            ruleset=CompiledRules(parse_rules(ACTIVE)).ruleset,
+            profile=gamma("{kind: http, url: 'http://unused', batch_size: 5}"),
+            old=frozenset({"auto_new_car_intent"}),
+            new=frozenset({"auto_new_car_intent", "geo_socal"}),
+            batch_size=BATCH_SIZE,
+        )
+    assert switch is not None
+    adds: Counter[str] = Counter()
+    for n in range(switch.chunks):
+        for uid, added, removed in await store.chunk(n):
+            assert added == [GEO]
+            assert removed == []
+            adds[uid] += 1
+    assert len(switch.cuts) == 12
+    return adds, unnamed, scans
+
+
+async def test_one_scan_names_every_partition_telling_1_and_10_apart(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    """Twelve partitions are named by one scan of the key names; each key counts for the
+    partition its hash tag names whole (partition 1's key is not partition 10's), so
+    ``shared``, whose key is left only in partition 10, is named there once and
+    partition 1's position of it is unnamed."""
+    users = await twelve_partitions(redis_client, settings, per_partition=30)
+    adds, unnamed, scans = await switch_lines(redis_client, settings)
+    assert scans == 1
+    assert unnamed == 1
+    want = Counter(u for uids in users.values() for u in uids)
+    want["shared"] = 1
+    assert adds == want
+
+
+async def test_past_the_member_budget_partitions_are_named_in_several_scans(
+    settings: Settings, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for 70 members' hashes per scan, twelve partitions of 31 or 32 are named
+    three at a time (the budget reached with the third): four scans, each member once."""
+    monkeypatch.setattr(destinations_switch, "NAME_MEMBERS", 70)
+    users = await twelve_partitions(redis_client, settings, per_partition=31)
+    adds, unnamed, scans = await switch_lines(redis_client, settings)
+    assert scans == 4
+    assert unnamed == 1
+    want = Counter(u for uids in users.values() for u in uids)
+    want["shared"] = 1
+    assert adds == want
