@@ -18,12 +18,12 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from pyroaring import BitMap, BitMap64
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from dmp.ids import LOCAL_BITS
 from dmp.keys import PartitionKeys, partitions_key
 from dmp.metrics import LookupMetrics
+from dmp.redis_client import read_streams, scan_batches
 from dmp.redis_types import as_bytes, as_str
 from dmp.replica import PartitionIndex, Replica
 
@@ -150,14 +150,7 @@ class ChangeFollower:
 
     async def _read_bitmaps(self, keys: PartitionKeys) -> PartitionIndex:
         view = PartitionIndex()
-        # scan_iter walks every node of a cluster, and the one server otherwise.
-        batch: list[Any] = []
-        async for key in self.client.scan_iter(match=keys.bitmap_pattern, count=SCAN_BATCH):
-            batch.append(key)
-            if len(batch) >= SCAN_BATCH:
-                await self._add_bitmaps(keys, view, batch)
-                batch = []
-        if batch:
+        async for batch in scan_batches(self.client, keys.bitmap_pattern, SCAN_BATCH):
             await self._add_bitmaps(keys, view, batch)
         return view
 
@@ -224,20 +217,9 @@ class ChangeFollower:
                 backoff = min(backoff * 2, 5.0)
 
     async def _read_once(self) -> None:
-        reply: Any
-        if isinstance(self.client, RedisCluster):
-            # Streams of different partitions sit in different slots, and a cluster refuses
-            # a multi-slot XREAD: read each without blocking, then wait if all were empty.
-            reply = []
-            for stream, cursor in list(self.cursors.items()):
-                reply.extend(await self.client.xread({stream: cursor}, count=READ_COUNT) or [])
-            if not reply:
-                await asyncio.sleep(self.block_ms / 1000)
-        else:
-            streams: dict[Any, Any] = dict(self.cursors)
-            reply = await self.client.xread(streams, count=READ_COUNT, block=self.block_ms)
+        reply = await read_streams(self.client, self.cursors, READ_COUNT, self.block_ms)
         behind = False
-        for stream, entries in reply or []:
+        for stream, entries in reply:
             key = as_str(stream)
             behind = behind or len(entries) >= READ_COUNT
             for entry_id, fields in entries:

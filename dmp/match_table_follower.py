@@ -17,11 +17,10 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from dmp.match_table import MatchKeys, MatchTable, decode_forward, match_partners_key
-from dmp.redis_client import scan_batches
+from dmp.redis_client import read_streams, scan_batches
 from dmp.redis_types import as_bytes, as_str
 
 log = logging.getLogger(__name__)
@@ -107,19 +106,6 @@ class MatchTableFollower:
         self._partner_of[keys.changes] = keys.partner_id
         self.cursors[keys.changes] = cursor
 
-    async def _read(self) -> Any:
-        if isinstance(self.client, RedisCluster):
-            # Each partner's stream has its own hash tag, and a cluster refuses a multi-slot
-            # XREAD: read each without blocking, then wait if all were empty.
-            reply: list[Any] = []
-            for stream, cursor in list(self.cursors.items()):
-                reply.extend(await self.client.xread({stream: cursor}, count=READ_COUNT) or [])
-            if not reply:
-                await asyncio.sleep(self.block_ms / 1000)
-            return reply
-        streams: dict[Any, Any] = dict(self.cursors)
-        return await self.client.xread(streams, count=READ_COUNT, block=self.block_ms)
-
     async def follow(self, stop: asyncio.Event) -> None:
         """Tail every partner's stream until `stop`; survive Redis outages with backoff."""
         backoff = 0.1
@@ -140,8 +126,8 @@ class MatchTableFollower:
                     backoff = 0.1
                     await asyncio.sleep(self.block_ms / 1000)
                     continue
-                reply = await self._read()
-                for stream, entries in reply or []:
+                reply = await read_streams(self.client, self.cursors, READ_COUNT, self.block_ms)
+                for stream, entries in reply:
                     key = as_str(stream)
                     partner_id = self._partner_of[key]
                     for entry_id, fields in entries:

@@ -6,7 +6,8 @@ transaction stays in one slot, which redis-py's asyncio ``RedisCluster`` pipelin
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -40,3 +41,21 @@ async def scan_batches(
             batch = []
     if batch:
         yield batch
+
+
+async def read_streams(
+    client: aioredis.Redis, cursors: Mapping[Any, Any], count: int, block_ms: int
+) -> list[Any]:
+    """XREAD of every stream after its cursor: ``[(stream, entries), ...]``.
+
+    A cluster refuses one XREAD over streams in different slots, so there each stream is
+    read on its own without blocking, and the wait comes after when all were empty.
+    """
+    if isinstance(client, RedisCluster):
+        reply: list[Any] = []
+        for stream, cursor in list(cursors.items()):
+            reply.extend(await client.xread({stream: cursor}, count=count) or [])
+        if not reply:
+            await asyncio.sleep(block_ms / 1000)
+        return reply
+    return list(await client.xread(dict(cursors), count=count, block=block_ms) or [])
