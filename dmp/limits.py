@@ -3,7 +3,7 @@
 Each refusal is a short JSON error (`{"error": ...}`) with the limit in it: 431 for headers,
 413 for bodies, 429 with Retry-After for the rate. The body limit is also aiohttp's own
 `client_max_size` (chunked bodies), and the HTTP parser accepts header lines up to
-PARSER_LIMITS so that these checks, not the parser's plain-text 400, answers first.
+PARSER_LIMITS so that these checks, not the parser's plain-text 400, answer first.
 """
 
 from __future__ import annotations
