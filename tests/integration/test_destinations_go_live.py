@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,21 +17,16 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 from aiokafka import AIOKafkaProducer
-from prometheus_client import CollectorRegistry
 from redis.crc import key_slot
 
 from bidder_adapter.partner_file import parse_partner_bytes
-from bidder_adapter.partner_metrics import PartnerMetrics
-from bidder_adapter.partner_registry import PartnerRegistry
 from bidder_adapter.profiles import hash_api_key
 from dmp.config import Settings
 from dmp.cookie_state import CookieState
 from dmp.destinations import Batch, DestinationMetrics, Exporter
 from dmp.destinations_keys import DestinationKeys
 from dmp.destinations_service import DestinationService
-from dmp.destinations_sinks import HttpSink
 from dmp.destinations_switch import SwitchStore
 from dmp.ids import uid_hash
 from dmp.keys import PartitionKeys
@@ -45,7 +40,16 @@ from tests.conftest import EXAMPLE_RULES
 from tests.integration.conftest import StartIngest, wait_until
 from tests.integration.helpers import new_car_view, produce
 from tests.integration.test_backfill import V2, click, dmp_cli, produce_at_event_time
-from tests.integration.test_partner_destinations import GEO, INTENT, Receiver, gamma, gamma_yaml
+from tests.integration.test_partner_destinations import (
+    GEO,
+    INTENT,
+    Receiver,
+    exporter,
+    following,
+    gamma,
+    gamma_yaml,
+    serving,
+)
 from tests.integration.test_redis_cluster import CLUSTER_URL_VAR
 
 DAY = 86400.0
@@ -53,20 +57,6 @@ ACTIVE = EXAMPLE_RULES.read_text()
 PAUSED = ACTIVE.replace("  - id: geo_socal\n", "  - id: geo_socal\n    status: paused\n", 1)
 SOCAL = "acme-socal-dealers"
 VEHICLES = "acme-new-vehicles"
-
-
-@contextlib.asynccontextmanager
-async def serving(rec: Receiver) -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/segments", rec.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/segments"
-    finally:
-        rec.release.set()
-        await runner.cleanup()
 
 
 def lines(rec: Receiver, batches: Iterable[bytes] | None = None) -> list[dict[str, Any]]:
@@ -109,12 +99,43 @@ async def ever_added(redis_client: aioredis.Redis, settings: Settings, segment: 
     return found
 
 
+async def commit_members(
+    client: aioredis.Redis,
+    keys: PartitionKeys,
+    uids: list[str],
+    segments: Collection[str],
+    *,
+    first: int = 0,
+    produced_at: float = 1.0,
+) -> None:
+    """Commit ``uids`` as new cookies at positions ``first``.., each joining ``segments``,
+    as ingest would (its offset past them)."""
+    store = PartitionStore(client, keys, state_ttl=3600, stream_maxlen=10_000)
+    await store.load()
+    end = first + len(uids)
+    plan = BatchPlan(next_local=end)
+    for local, uid in enumerate(uids, first):
+        plan.states[uid] = CookieState(local, members=frozenset(segments))
+        plan.new_ids.append((local, uid_hash(uid)))
+    plan.added = {s: list(range(first, end)) for s in segments}
+    await store.commit(plan, end, produced_at)
+
+
+async def wait_switch_done(client: aioredis.Redis, keys: DestinationKeys) -> None:
+    """Until the switch is gone: its last batch commits after it is sent."""
+    async with asyncio.timeout(5):
+        while await client.exists(keys.switch):
+            await asyncio.sleep(0.02)
+
+
+async def live_set(client: aioredis.Redis, keys: DestinationKeys) -> list[str]:
+    """The live segments the destination exports under (its cursor's ``#live``)."""
+    live: list[str] = orjson.loads(await client.hget(keys.cursor, "#live") or b"[]")
+    return live
+
+
 def la_views(uid: str, count: int, age_days: float = 1.0) -> list[dict[str, Any]]:
     return [new_car_view(uid, age_days - n / DAY) for n in range(count)]
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    await wait_until(check, timeout, what)
 
 
 async def test_a_segment_built_while_paused_reaches_each_destination_once_when_it_goes_live(
@@ -147,13 +168,7 @@ async def test_a_segment_built_while_paused_reaches_each_destination_once_when_i
                 ),
             ),
         )
-        s = replace(
-            settings,
-            partners_path=path,
-            partner=replace(settings.partner, reload_poll_seconds=0.05),
-        )
-        partners = PartnerRegistry(path, PartnerMetrics.create(CollectorRegistry()))
-        partners.load()
+        s, partners = following(settings, path)
         await start_ingest()
 
         both = [f"both-{i}" for i in range(7)]  # intent and geo
@@ -175,8 +190,8 @@ async def test_a_segment_built_while_paused_reaches_each_destination_once_when_i
             traffic: asyncio.Task[None] | None = None
             try:
                 intent = set(both + elsewhere)
-                await eventually(lambda: holding(gamma_rec, INTENT) == intent, "gamma's intent")
-                await eventually(lambda: holding(acme_rec, VEHICLES) == intent, "acme's intent")
+                await wait_until(lambda: holding(gamma_rec, INTENT) == intent, 30, "gamma's intent")
+                await wait_until(lambda: holding(acme_rec, VEHICLES) == intent, 30, "acme's intent")
                 # gone-* joined geo and left it while paused: their changes are in the
                 # streams, and must never reach a partner.
                 async with asyncio.timeout(20):
@@ -212,9 +227,9 @@ async def test_a_segment_built_while_paused_reaches_each_destination_once_when_i
                 assert len(late) >= 10
 
                 members = set(both + geo_only + late)
-                await eventually(lambda: holding(gamma_rec, GEO) == members, "gamma's geo")
+                await wait_until(lambda: holding(gamma_rec, GEO) == members, 30, "gamma's geo")
                 local = set(both + late)
-                await eventually(lambda: holding(acme_rec, SOCAL) == local, "acme's composite")
+                await wait_until(lambda: holding(acme_rec, SOCAL) == local, 30, "acme's composite")
                 await asyncio.sleep(0.3)  # nothing more may arrive
 
                 earlier = lines(gamma_rec, before.values())
@@ -229,11 +244,15 @@ async def test_a_segment_built_while_paused_reaches_each_destination_once_when_i
                     settings, "rules", "apply", str(tmp_path / "paused.yaml")
                 )
                 assert code == 0, err
-                await eventually(lambda: not holding(gamma_rec, GEO), "gamma's geo removed")
-                await eventually(lambda: not holding(acme_rec, SOCAL), "acme's composite removed")
+                await wait_until(lambda: not holding(gamma_rec, GEO), 30, "gamma's geo removed")
+                await wait_until(
+                    lambda: not holding(acme_rec, SOCAL), 30, "acme's composite removed"
+                )
                 await produce(producer, topic, la_views("after-pause", 2))
-                await eventually(
-                    lambda: "after-pause" in holding(gamma_rec, INTENT), "a user after the pause"
+                await wait_until(
+                    lambda: "after-pause" in holding(gamma_rec, INTENT),
+                    30,
+                    "a user after the pause",
                 )
                 await asyncio.sleep(0.3)
             finally:
@@ -308,13 +327,7 @@ async def test_a_backfilled_segment_reaches_its_destination_whole_when_it_goes_l
     rec = Receiver()
     async with serving(rec) as url:
         path = write_partners(tmp_path / "partners.yaml", clickers_partner(url))
-        s = replace(
-            settings,
-            partners_path=path,
-            partner=replace(settings.partner, reload_poll_seconds=0.05),
-        )
-        partners = PartnerRegistry(path, PartnerMetrics.create(CollectorRegistry()))
-        partners.load()
+        s, partners = following(settings, path)
         async with aiohttp.ClientSession() as session:
             service = DestinationService(
                 s, rules, redis_client, partners, DestinationMetrics.create(), session
@@ -331,7 +344,7 @@ async def test_a_backfilled_segment_reaches_its_destination_whole_when_it_goes_l
                 assert code == 0, err
                 assert "version 3 is live: 'clickers' active" in out
                 members = set(history + live)
-                await eventually(lambda: holding(rec, "clk-1") == members, "the whole audience")
+                await wait_until(lambda: holding(rec, "clk-1") == members, 30, "the whole audience")
                 await asyncio.sleep(0.3)  # nothing more may arrive
             finally:
                 stop.set()
@@ -362,23 +375,10 @@ async def test_a_switch_survives_an_exporter_crash_mid_way_without_loss_or_dupli
         profile = gamma(f"{{kind: http, url: '{url}', batch_size: 2, interval_seconds: 0.05}}")
         assert profile.destination is not None
 
-        def exporter(rules: CompiledRules) -> Exporter:
-            assert profile.destination is not None
-            return Exporter(
-                redis_client,
-                profile,
-                rules,
-                HttpSink(profile.destination, session),
-                metrics,
-                prefix=settings.redis.key_prefix,
-                state_prefix="dest",
-                topic=settings.kafka.topic,
-            )
-
-        first = exporter(paused)
+        first = exporter(redis_client, settings, paused, profile, session, metrics)
         stop = asyncio.Event()
         task = asyncio.create_task(first.run(stop))
-        await eventually(lambda: holding(rec, INTENT) == set(both), "intent adds")
+        await wait_until(lambda: holding(rec, INTENT) == set(both), 30, "intent adds")
         await asyncio.sleep(0.2)
         assert not holding(rec, GEO)
         rec.hang_at_batch = len(rec.order) + 2
@@ -394,9 +394,11 @@ async def test_a_switch_survives_an_exporter_crash_mid_way_without_loss_or_dupli
         rec.release.set()
 
         stop = asyncio.Event()
-        task = asyncio.create_task(exporter(active).run(stop))
+        task = asyncio.create_task(
+            exporter(redis_client, settings, active, profile, session, metrics).run(stop)
+        )
         try:
-            await eventually(lambda: holding(rec, GEO) == set(both), "every member's geo")
+            await wait_until(lambda: holding(rec, GEO) == set(both), 30, "every member's geo")
             await asyncio.sleep(0.3)
         finally:
             stop.set()
@@ -407,8 +409,7 @@ async def test_a_switch_survives_an_exporter_crash_mid_way_without_loss_or_dupli
     assert rec.order == list(range(1, len(rec.order) + 1))
     assert not await redis_client.exists(keys.switch, keys.pending)
     assert not [k async for k in redis_client.scan_iter(match=f"{keys.switch}:*")]
-    live = orjson.loads(await redis_client.hget(keys.cursor, "#live") or b"[]")
-    assert "geo_socal" in live
+    assert "geo_socal" in await live_set(redis_client, keys)
 
 
 async def test_a_destination_down_at_the_go_live_sends_each_member_once(
@@ -431,18 +432,12 @@ async def test_a_destination_down_at_the_go_live_sends_each_member_once(
     async with serving(rec) as url, aiohttp.ClientSession() as session:
         profile = gamma(f"{{kind: http, url: '{url}', batch_size: 3, interval_seconds: 0.05}}")
         assert profile.destination is not None
-        sink = HttpSink(profile.destination, session)
-        options: dict[str, Any] = {
-            "prefix": settings.redis.key_prefix,
-            "state_prefix": "dest",
-            "topic": topic,
-        }
         stop = asyncio.Event()
         metrics = DestinationMetrics.create()
         task = asyncio.create_task(
-            Exporter(redis_client, profile, paused, sink, metrics, **options).run(stop)
+            exporter(redis_client, settings, paused, profile, session, metrics).run(stop)
         )
-        await eventually(lambda: holding(rec, INTENT) == set(early), "intent adds")
+        await wait_until(lambda: holding(rec, INTENT) == set(early), 30, "intent adds")
         stop.set()
         await asyncio.wait_for(task, 10)
 
@@ -458,10 +453,10 @@ async def test_a_destination_down_at_the_go_live_sends_each_member_once(
 
         stop = asyncio.Event()
         task = asyncio.create_task(
-            Exporter(redis_client, profile, active, sink, metrics, **options).run(stop)
+            exporter(redis_client, settings, active, profile, session, metrics).run(stop)
         )
         try:
-            await eventually(lambda: holding(rec, GEO) == want, "every member's geo")
+            await wait_until(lambda: holding(rec, GEO) == want, 30, "every member's geo")
             await asyncio.sleep(0.3)
         finally:
             stop.set()
@@ -532,16 +527,8 @@ async def test_a_destination_exports_and_switches_on_the_redis_cluster(
         users: list[str] = []
         segments = ["auto_new_car_intent", "geo_socal"]  # intent, and geo (paused at first)
         for partition in range(2):
-            keys = PartitionKeys(prefix, topic, partition)
-            store = PartitionStore(client, keys, state_ttl=3600, stream_maxlen=1000)
-            await store.load()
             uids = [f"p{partition}-{n}" for n in range(3)]
-            plan = BatchPlan(next_local=len(uids))
-            for local, uid in enumerate(uids):
-                plan.states[uid] = CookieState(local, members=frozenset(segments))
-                plan.new_ids.append((local, uid_hash(uid)))
-            plan.added = {s: list(range(len(uids))) for s in segments}
-            await store.commit(plan, len(uids), 1.0)
+            await commit_members(client, PartitionKeys(prefix, topic, partition), uids, segments)
             users += uids
         destination = (
             "    destination: {kind: http, url: 'http://unused', interval_seconds: 0.05}\n"
@@ -561,15 +548,13 @@ async def test_a_destination_exports_and_switches_on_the_redis_cluster(
         )
         task = asyncio.create_task(exporter.run(stop))
         everyone = Counter(dict.fromkeys(users, 1))
-        await eventually(lambda: sink.added(VEHICLES) == everyone, "intent adds", 10)
+        await wait_until(lambda: sink.added(VEHICLES) == everyone, 10, "intent adds")
         assert sink.added(SOCAL) == Counter()
         exporter.set_rules(CompiledRules(parse_rules(ACTIVE)))
-        await eventually(lambda: sink.added(SOCAL) == everyone, "the composite's adds", 10)
+        await wait_until(lambda: sink.added(SOCAL) == everyone, 10, "the composite's adds")
         state = DestinationKeys(prefix, "dest", profile.partner_id)
-        async with asyncio.timeout(5):  # the last switch batch commits after it is sent
-            while await client.exists(state.switch):
-                await asyncio.sleep(0.02)
-        assert "geo_socal" in orjson.loads(await client.hget(state.cursor, "#live") or b"[]")
+        await wait_switch_done(client, state)
+        assert "geo_socal" in await live_set(client, state)
         assert not task.done()  # no failure (and restart) on the way
         assert sink.added(VEHICLES) == everyone
     finally:

@@ -20,16 +20,20 @@ from redis.asyncio.client import Pipeline
 
 from dmp import destinations_switch
 from dmp.config import Settings
-from dmp.cookie_state import CookieState
 from dmp.destinations import DestinationMetrics, Exporter
 from dmp.destinations_keys import DestinationKeys
 from dmp.ids import uid_hash
 from dmp.keys import PartitionKeys
-from dmp.partition_batch import BatchPlan
-from dmp.partition_store import PartitionStore
 from segment_rules import CompiledRules, parse_rules
 from tests.integration.conftest import wait_until
-from tests.integration.test_destinations_go_live import ACTIVE, PAUSED, Collected
+from tests.integration.test_destinations_go_live import (
+    ACTIVE,
+    PAUSED,
+    Collected,
+    commit_members,
+    live_set,
+    wait_switch_done,
+)
 from tests.integration.test_partner_destinations import GEO, INTENT, gamma
 
 PARTITIONS = 4
@@ -45,16 +49,8 @@ async def populate(client: aioredis.Redis, settings: Settings) -> list[str]:
     users: list[str] = []
     segments = ["auto_new_car_intent", "geo_socal"]
     for partition in range(PARTITIONS):
-        keys = PartitionKeys(prefix, topic, partition)
-        store = PartitionStore(client, keys, state_ttl=3600, stream_maxlen=10_000)
-        await store.load()
         uids = [f"p{partition}-{n}" for n in range(PER_PARTITION)]
-        plan = BatchPlan(next_local=len(uids))
-        for local, uid in enumerate(uids):
-            plan.states[uid] = CookieState(local, members=frozenset(segments))
-            plan.new_ids.append((local, uid_hash(uid)))
-        plan.added = {s: list(range(len(uids))) for s in segments}
-        await store.commit(plan, len(uids), 1.0)
+        await commit_members(client, PartitionKeys(prefix, topic, partition), uids, segments)
         users += uids
     return users
 
@@ -124,9 +120,7 @@ async def test_a_switch_is_stored_in_several_bounded_transactions_the_switch_las
         with transactions(monkeypatch, keys) as seen:
             first.set_rules(CompiledRules(parse_rules(ACTIVE)))
             await wait_until(lambda: sink.added(GEO) == everyone, 10, "geo adds")
-            async with asyncio.timeout(5):  # the last switch batch commits after it is sent
-                while await redis_client.exists(keys.switch):
-                    await asyncio.sleep(0.02)
+            await wait_switch_done(redis_client, keys)
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
@@ -180,30 +174,22 @@ async def test_a_crash_between_two_save_transactions_exports_each_member_once(
     assert sink.added(GEO) == Counter()
 
     # More members join geo between the crash and the restart: the new cuts hold them too.
-    later = PartitionStore(
+    extra = [f"late-{n}" for n in range(3)]
+    await commit_members(
         redis_client,
         PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0),
-        state_ttl=3600,
-        stream_maxlen=10_000,
+        extra,
+        ["geo_socal"],
+        first=PER_PARTITION,
+        produced_at=2.0,
     )
-    await later.load()
-    plan = BatchPlan(next_local=PER_PARTITION + 3)
-    extra = [f"late-{n}" for n in range(3)]
-    for n, uid in enumerate(extra):
-        local = PER_PARTITION + n
-        plan.states[uid] = CookieState(local, members=frozenset({"geo_socal"}))
-        plan.new_ids.append((local, uid_hash(uid)))
-    plan.added = {"geo_socal": [PER_PARTITION + n for n in range(3)]}
-    await later.commit(plan, PER_PARTITION + 3, 2.0)
 
     stop = asyncio.Event()
     task = asyncio.create_task(exporter(redis_client, settings, ACTIVE, sink).run(stop))
     want = Counter(dict.fromkeys(users + extra, 1))
     try:
         await wait_until(lambda: sink.added(GEO) == want, 10, "every member's geo")
-        async with asyncio.timeout(5):
-            while await redis_client.exists(keys.switch):
-                await asyncio.sleep(0.02)
+        await wait_switch_done(redis_client, keys)
         await asyncio.sleep(0.2)  # nothing more may arrive
     finally:
         stop.set()
@@ -212,8 +198,7 @@ async def test_a_crash_between_two_save_transactions_exports_each_member_once(
     assert sink.added(INTENT) == everyone
     assert [b.seq for b in sink.batches if b.users] == list(range(1, len(sink.batches) + 1))
     assert await switch_keys(redis_client, keys) == []
-    live = orjson.loads(await redis_client.hget(keys.cursor, "#live") or b"[]")
-    assert "geo_socal" in live
+    assert "geo_socal" in await live_set(redis_client, keys)
 
 
 async def test_a_switch_cut_short_and_no_longer_due_leaves_nothing_behind(
@@ -237,18 +222,14 @@ async def test_a_switch_cut_short_and_no_longer_due_leaves_nothing_behind(
     assert len(left) == 2 * SAVE_LINES // BATCH_SIZE + 1  # the chunks and the count
 
     # A new member of intent, so the restarted exporter is seen to get past its start.
-    later = PartitionStore(
+    await commit_members(
         redis_client,
         PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0),
-        state_ttl=3600,
-        stream_maxlen=10_000,
+        ["after"],
+        ["auto_new_car_intent"],
+        first=PER_PARTITION,
+        produced_at=2.0,
     )
-    await later.load()
-    plan = BatchPlan(next_local=PER_PARTITION + 1)
-    plan.states["after"] = CookieState(PER_PARTITION, members=frozenset({"auto_new_car_intent"}))
-    plan.new_ids.append((PER_PARTITION, uid_hash("after")))
-    plan.added = {"auto_new_car_intent": [PER_PARTITION]}
-    await later.commit(plan, PER_PARTITION + 1, 2.0)
 
     stop = asyncio.Event()
     task = asyncio.create_task(exporter(redis_client, settings, PAUSED, sink).run(stop))
@@ -259,8 +240,7 @@ async def test_a_switch_cut_short_and_no_longer_due_leaves_nothing_behind(
         await asyncio.wait_for(task, 10)
     assert await switch_keys(redis_client, keys) == []
     assert sink.added(GEO) == Counter()
-    live = orjson.loads(await redis_client.hget(keys.cursor, "#live") or b"[]")
-    assert "geo_socal" not in live
+    assert "geo_socal" not in await live_set(redis_client, keys)
 
 
 async def test_id_index_reads_every_slice_and_leaves_out_what_cannot_be_named(
@@ -292,17 +272,9 @@ async def twelve_partitions(
     segments = frozenset({"auto_new_car_intent", "geo_socal"})
     users: dict[int, list[str]] = {}
     for partition in range(12):
-        keys = PartitionKeys(prefix, topic, partition)
-        store = PartitionStore(client, keys, state_ttl=3600, stream_maxlen=10_000)
-        await store.load()
         uids = [f"q{partition}-{n}" for n in range(per_partition)]
         uids += ["shared"] if partition in (1, 10) else []
-        plan = BatchPlan(next_local=len(uids))
-        for local, uid in enumerate(uids):
-            plan.states[uid] = CookieState(local, members=segments)
-            plan.new_ids.append((local, uid_hash(uid)))
-        plan.added = {s: list(range(len(uids))) for s in segments}
-        await store.commit(plan, len(uids), 1.0)
+        await commit_members(client, PartitionKeys(prefix, topic, partition), uids, segments)
         users[partition] = uids
     await client.delete(PartitionKeys(prefix, topic, 1).cookie("shared"))
     # Keys the pattern lets through but that are no cookie of a partition of the topic.

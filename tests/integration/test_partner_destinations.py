@@ -64,6 +64,21 @@ def gamma(destination: str) -> PartnerProfile:
     return parse_partner_bytes(gamma_yaml(destination).encode(), "p.yaml").profiles["gamma-dsp"]
 
 
+def following(
+    settings: Settings, path: Path, registry: CollectorRegistry | None = None
+) -> tuple[Settings, PartnerRegistry]:
+    """Settings for a destinations service re-reading the partner file ``path`` every
+    0.05 s, and its partner registry, loaded."""
+    s = replace(
+        settings,
+        partners_path=path,
+        partner=replace(settings.partner, reload_poll_seconds=0.05),
+    )
+    partners = PartnerRegistry(path, PartnerMetrics.create(registry or CollectorRegistry()))
+    partners.load()
+    return s, partners
+
+
 @dataclass
 class Receiver:
     """A partner's endpoint: applies each batch once (by Idempotency-Key), strictly."""
@@ -113,19 +128,26 @@ class Receiver:
             have.discard(seg)
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    rec = Receiver()
+@contextlib.asynccontextmanager
+async def serving(rec: Receiver) -> AsyncIterator[str]:
+    """``rec`` served on a free local port: its /segments URL."""
     app = web.Application()
     app.router.add_post("/segments", rec.handle)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield rec, f"http://127.0.0.1:{port}/segments"
-    rec.release.set()
-    await runner.cleanup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/segments"
+    finally:
+        rec.release.set()
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    rec = Receiver()
+    async with serving(rec) as url:
+        yield rec, url
 
 
 def exporter(
@@ -348,14 +370,8 @@ async def test_service_follows_the_partner_file(
     out = tmp_path / "exports"
     path = tmp_path / "partners.yaml"
     write_partners(path, gamma_yaml(f"{{kind: file, path: '{out}', interval_seconds: 0.05}}"))
-    s = replace(
-        settings,
-        partners_path=path,
-        partner=replace(settings.partner, reload_poll_seconds=0.05),
-    )
     registry = CollectorRegistry()
-    partners = PartnerRegistry(path, PartnerMetrics.create(registry))
-    partners.load()
+    s, partners = following(settings, path, registry)
     await start_ingest()
     await produce_users(producer, settings.kafka.topic, stay=2, expire=0)
     async with aiohttp.ClientSession() as session:
@@ -402,13 +418,7 @@ async def test_a_paused_segment_reaches_no_partner_until_a_version_makes_it_acti
             ),
         ),
     )
-    s = replace(
-        settings,
-        partners_path=path,
-        partner=replace(settings.partner, reload_poll_seconds=0.05),
-    )
-    partners = PartnerRegistry(path, PartnerMetrics.create(CollectorRegistry()))
-    partners.load()
+    s, partners = following(settings, path)
     await start_ingest()
     await produce_users(producer, settings.kafka.topic, stay=6, expire=0)
 

@@ -15,7 +15,7 @@ from dmp.destinations_views import (
     plan_switch,
     switch_changes,
 )
-from segment_rules import CompiledRules, parse_rules
+from segment_rules import CompiledRules, RuleSet, parse_rules
 from tests.bidder_adapter.partner_yaml import partner_yaml
 
 RULES = """segments:
@@ -55,6 +55,16 @@ def flipped(text: str, segment: str, status: str) -> str:
     line, _, tail = rest.partition("\n")
     assert line.strip().startswith("status:"), line
     return f"{head}  - id: {segment}\n    status: {status}\n{tail}"
+
+
+def going_live(segment: str) -> tuple[RuleSet, frozenset[str], frozenset[str]]:
+    """RULES with ``segment`` made active, and the live sets before and after."""
+    live = parse_rules(flipped(RULES, segment, "active"))
+    return (
+        live,
+        live_segments(CompiledRules(parse_rules(RULES))),
+        live_segments(CompiledRules(live)),
+    )
 
 
 def test_partner_ids_under_the_rule_sets_own_statuses_are_what_lookups_answer() -> None:
@@ -97,10 +107,8 @@ def test_what_a_partner_depends_on() -> None:
 
 def test_going_live_adds_the_members_going_paused_removes_them() -> None:
     paused = parse_rules(RULES)
-    live = parse_rules(flipped(RULES, "geo", "active"))
+    live, old, new = going_live("geo")
     partner = profile("[intent, geo]", "{geo: theirs-geo}")
-    old = live_segments(CompiledRules(paused))
-    new = live_segments(CompiledRules(live))
     plan = plan_switch(live, partner, old, new)
     assert plan is not None
     assert plan.affected == {"geo"}
@@ -121,10 +129,8 @@ def test_going_live_adds_the_members_going_paused_removes_them() -> None:
 
 
 def test_a_composite_grant_follows_its_part_going_live() -> None:
-    live = parse_rules(flipped(RULES, "geo", "active"))
+    live, old, new = going_live("geo")
     partner = profile("[local_intent, intent_elsewhere]")
-    old = live_segments(CompiledRules(parse_rules(RULES)))
-    new = live_segments(CompiledRules(live))
     plan = plan_switch(live, partner, old, new)
     assert plan is not None
     assert plan.affected == {"geo"}
@@ -137,17 +143,13 @@ def test_a_composite_grant_follows_its_part_going_live() -> None:
 
 
 def test_a_composite_going_live_looks_at_the_members_of_its_parts() -> None:
-    live = parse_rules(flipped(RULES, "local_intent_buyers", "active"))
+    live, old, new = going_live("local_intent_buyers")
     partner = profile("[local_intent_buyers]")
-    old = live_segments(CompiledRules(parse_rules(RULES)))
-    new = live_segments(CompiledRules(live))
     plan = plan_switch(live, partner, old, new)
     assert plan is not None
     assert plan.affected == {"intent", "geo", "buyers"}
 
 
 def test_a_switch_of_segments_the_partner_does_not_depend_on_sends_nothing() -> None:
-    live = parse_rules(flipped(RULES, "geo", "active"))
-    old = live_segments(CompiledRules(parse_rules(RULES)))
-    new = live_segments(CompiledRules(live))
+    live, old, new = going_live("geo")
     assert plan_switch(live, profile("[buyers]"), old, new) is None
