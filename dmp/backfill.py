@@ -30,7 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from dmp.auth_transport import kafka_security_options
 from dmp.backfill_job import BackfillError, Job, activate, plan_job
-from dmp.backfill_merge import Manifest, decode_jobs, trait_mark
+from dmp.backfill_merge import Manifest, decode_jobs, job_segment, trait_mark
 from dmp.backfill_plan import segment_program
 from dmp.config import Settings
 from dmp.events import BadEvent, decode_event
@@ -152,7 +152,7 @@ class Backfill:
                 raise BackfillError(
                     f"trait {tid} of '{job.segment}' is half backfilled by {others[0]['job']}: "
                     "run that backfill again to finish it first (or abandon it: "
-                    f"`dmp rules backfill {others[0]['job'].rsplit('@', 1)[0]} --abandon`)"
+                    f"`dmp rules backfill {job_segment(others[0]['job'])} --abandon`)"
                 )
             else:
                 notes.append(

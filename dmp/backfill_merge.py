@@ -171,6 +171,11 @@ def job_name(segment: str, version: int) -> str:
     return f"{segment}@{version}"
 
 
+def job_segment(job: str) -> str:
+    """The segment of a job named by ``job_name``."""
+    return job.rsplit("@", 1)[0]
+
+
 def trait_mark(trait: str, start_version: int | str) -> str:
     """Field of ``backfilled``: the trait's history before ``start_version`` is merged."""
     return f"trait:{trait}@{start_version}"

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from dmp.backfill_merge import decode_jobs
+from dmp.backfill_merge import decode_jobs, job_segment
 from dmp.keys import PartitionKeys, partitions_key
 from dmp.redis_types import as_str
 
@@ -32,7 +32,7 @@ class Unfinished:
 
     @property
     def segment(self) -> str:
-        return self.job.rsplit("@", 1)[0]
+        return job_segment(self.job)
 
     @property
     def rerun(self) -> str:
