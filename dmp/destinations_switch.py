@@ -51,7 +51,7 @@ from bidder_adapter.profiles import PartnerProfile
 from dmp.destinations_keys import DestinationKeys
 from dmp.destinations_views import Change, PartnerView, plan_switch, switch_change
 from dmp.ids import chunk_of, uid_hash
-from dmp.keys import PartitionKeys, partitions_key
+from dmp.keys import PartitionKeys, TopicCookies, partitions_key
 from dmp.redis_client import scan_batches
 from dmp.redis_types import as_bytes, as_str
 from segment_rules import RuleSet
@@ -137,10 +137,6 @@ async def id_index(
     return hashes[order], wanted[order]
 
 
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
 class _Naming:
     """One partition's affected positions waiting to be named: its cut's bitmaps, their
     cookie-id hashes (sorted) and positions, and the positions named so far."""
@@ -150,16 +146,6 @@ class _Naming:
         self.hashes = hashes
         self.positions = positions
         self.named = BitMap()
-
-
-def cookie_pattern(prefix: str, topic: str) -> str:
-    """A SCAN ``MATCH`` for the cookie key names of every partition of the topic.
-
-    ``*`` stands for the partition number, but a glob cannot say "digits only" (nor keep
-    ``*`` from running past the ``}``): ``name_partitions`` takes a key for a partition's
-    only when the whole of its hash tag after ``{topic:`` is that partition's number.
-    """
-    return f"{_glob_escape(prefix)}:{{{_glob_escape(topic)}:*}}:c:*"
 
 
 async def name_partitions(
@@ -180,15 +166,16 @@ async def name_partitions(
     master on a cluster) whatever its ``MATCH``: one per partition cost partitions x keys.
     """
     old, new = views
-    head = f"{prefix}:{{{topic}:"
+    cookies = TopicCookies(prefix, topic)
+    head, end = cookies.head, cookies.end
     # By the partition number as the key spells it: "1" is not "10" (nor "01", nor "1}x").
     by_tag = {str(partition): part for partition, part in group.items()}
-    async for page in scan_batches(client, cookie_pattern(prefix, topic), SCAN_COUNT):
+    async for page in scan_batches(client, cookies.pattern, SCAN_COUNT):
         uids: dict[str, list[str]] = {}
         for key in page:
             name = as_str(key)
             # The first "}:c:" after the head closes the tag: a partition number has none.
-            tag, sep, uid = name[len(head) :].partition("}:c:")
+            tag, sep, uid = name[len(head) :].partition(end)
             if sep and tag in by_tag and name.startswith(head):
                 uids.setdefault(tag, []).append(uid)
         for tag, names in uids.items():

@@ -4,6 +4,7 @@ transaction stays in one Redis Cluster slot."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class PartitionKeys:
         return f"{self.tag}:backfilled"
 
     def cookie(self, uid: str) -> str:
-        return f"{self.tag}:c:{uid}"
+        return f"{self.tag}:c:{uid}"  # split back by TopicCookies
 
     def bitmap(self, segment_id: str, chunk: int) -> str:
         return f"{self.tag}:bm:{segment_id}:{chunk}"
@@ -90,3 +91,32 @@ class PartitionKeys:
 def partitions_key(prefix: str, topic: str) -> str:
     """Set of partition numbers that have state, so replicas know what to load."""
     return f"{prefix}:partitions:{topic}"
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+@dataclass(frozen=True)
+class TopicCookies:
+    """The cookie state keys (``PartitionKeys.cookie``) of every partition of a topic.
+
+    ``pattern`` is a SCAN ``MATCH`` for them, ``*`` standing for the partition number; a glob
+    cannot say "digits only" (nor keep ``*`` from running past the ``}``), so a name is one
+    of partition P's when it starts with ``head`` and the text up to the first ``end`` is
+    exactly ``str(P)`` (the uid follows ``end``). Split inline by callers walking millions
+    of names, hence strings rather than a method.
+    """
+
+    prefix: str
+    topic: str
+
+    @property
+    def pattern(self) -> str:
+        return f"{_glob_escape(self.prefix)}:{{{_glob_escape(self.topic)}:*}}:c:*"
+
+    @property
+    def head(self) -> str:
+        return f"{self.prefix}:{{{self.topic}:"
+
+    end: ClassVar[str] = "}:c:"
