@@ -44,7 +44,7 @@ from bidder_adapter.client import (
     partner_ids,
     user_path,
 )
-from bidder_adapter.sharded_enrich import Reply, ShardedEnrich, slots_of
+from bidder_adapter.sharded_enrich import Reply, ShardedEnrich, Slot, slots_of
 from bidder_adapter.sync import valid_cookie_id
 from dmp.shards import shard_of
 
@@ -167,10 +167,11 @@ class ShardedDmpClient:
             self.shards[0].count("error")
             return {}
         budget = self.shards[0].budget(tmax_ms, parsed)
-        doc = _readable(request, uid)
-        slots = slots_of(doc, uid) if doc is not None else []
-        if doc is not None and self._across is not None and self._across.spans_shards(slots):
-            return await self._across.enrich(doc, slots, time.monotonic() + budget)
+        slots: list[Slot] = []
+        if self._across is not None and (doc := _readable(request, uid)) is not None:
+            slots = slots_of(doc, uid)
+            if self._across.spans_shards(slots):
+                return await self._across.enrich(doc, slots, time.monotonic() + budget)
         # One shard holds every cookie id (a lone buyeruid: any shard, then the 421's owner).
         # Unreadable requests go anywhere too, to be refused there as DmpClient's would be.
         cookies = [s.value for s in slots if s.group != "buyeruid"]

@@ -213,6 +213,8 @@ class ShardedEnrich:
         self.shard_for = shard_for
         self.ask = ask
         self.sentinels = [self._sentinel(shard) for shard in range(shard_count)]
+        # The shard named by the 421 a probe of ``shard`` gives when it reads past the id.
+        self.sentinel_owners = [shard_for(sentinel) for sentinel in self.sentinels]
 
     def _sentinel(self, shard: int) -> str:
         """A valid cookie id another shard holds: ``shard`` reads it as "ask elsewhere"."""
@@ -259,23 +261,25 @@ class ShardedEnrich:
         unique = list({slot.key: slot for slot in slots}.values())
         everyone = range(self.shard_count)
         calls: list[Awaitable[Reply]] = []
+        expected: list[int | None] = []  # per unique slot: its sentinel's owner (None: buyeruid)
         for slot in unique:
             if slot.group == "buyeruid":
                 body, uid = with_only(request, [slot])
                 calls.extend(self._call(s, body, uid, deadline, everyone) for s in everyone)
+                expected.append(None)
                 continue
             shard = self.shard_for(slot.value)
-            sentinel = self.sentinels[shard]
-            body, uid = with_only(request, probe_slots(slot, sentinel))
-            calls.append(self._call(shard, body, uid, deadline, (self.shard_for(sentinel),)))
+            owner = self.sentinel_owners[shard]
+            body, uid = with_only(request, probe_slots(slot, self.sentinels[shard]))
+            calls.append(self._call(shard, body, uid, deadline, (owner,)))
+            expected.append(owner)
         replies = iter(await asyncio.gather(*calls))
         probes: dict[Key, Probe] = {}
-        for slot in unique:
-            if slot.group == "buyeruid":
+        for slot, sentinel_owner in zip(unique, expected, strict=True):
+            if sentinel_owner is None:
                 probes[slot.key] = read_buyeruid([next(replies) for _ in everyone])
             else:
-                owner = self.shard_for(self.sentinels[self.shard_for(slot.value)])
-                probes[slot.key] = read_probe(next(replies), owner)
+                probes[slot.key] = read_probe(next(replies), sentinel_owner)
         return probes
 
     async def _order(

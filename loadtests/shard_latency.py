@@ -68,12 +68,11 @@ from loadtests.common import (
 )
 from loadtests.datagen import StoreSpec, World, cookie_id, rule_set, write_store, zipf_ranks
 from loadtests.lookup import free_port
+from loadtests.openloop import HIGHEST_US, LOWEST_US, SPIN_BELOW
 
 API_KEY = "loadtest-shards-key-0001"
 EID_SOURCE = "loadtest.example"
-LOWEST_US, HIGHEST_US = 1, 60_000_000
 PERCENTILES = (50.0, 99.0, 99.9)
-SPIN_BELOW = 0.002  # seconds: closer than this to a start, spin instead of sleeping
 TMAX_MS = 1000.0  # far above any latency here: a call is never cut short by its deadline
 CLIENTS = ("single", "sharded")
 KINDS = ("closed", "open", "enrich_known", "enrich_new")

@@ -41,10 +41,10 @@ from dmp.ids import uid_hash
 from dmp.keys import PartitionKeys
 from dmp.partition_batch import BatchPlan
 from dmp.partition_store import PartitionStore
-from loadtests.common import RESULTS, stack_urls
+from dmp.redis_client import scan_batches
+from loadtests.common import REPO, RESULTS, python_argv, stack_urls
 from segment_rules import CompiledRules, parse_rules
 
-REPO = Path(__file__).resolve().parent.parent
 RULES = (REPO / "segment_rules" / "examples" / "segments.yaml").read_text()
 PAUSED = RULES.replace("  - id: geo_socal\n", "  - id: geo_socal\n    status: paused\n", 1)
 TOPIC = "bench"
@@ -106,13 +106,7 @@ async def populate(url: str, prefix: str, members: int, others: int, partitions:
 async def clean(url: str, prefix: str) -> None:
     client = aioredis.Redis.from_url(url)
     try:
-        batch: list[Any] = []
-        async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                await client.delete(*batch)
-                batch = []
-        if batch:
+        async for batch in scan_batches(client, f"{prefix}:*", 1000):
             await client.delete(*batch)
     finally:
         await client.aclose()
@@ -262,7 +256,7 @@ def main() -> None:
         print(f"populated {prefix} in {time.perf_counter() - started:.1f}s", flush=True)
         for _ in range(args.runs):
             for commit in ([args.old_commit] if args.old_commit else []) + ["-"]:
-                child = [sys.executable, "-m", "loadtests.switch_cost", "--child", prefix, commit]
+                child = python_argv("loadtests.switch_cost", "--child", prefix, commit)
                 out = subprocess.run(child, cwd=REPO, check=True, capture_output=True, text=True)
                 results.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(json.dumps(results[-1]), flush=True)

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import orjson
 import pytest
 
-from loadtests.common import RESULTS
+from loadtests.common import REPO, RESULTS, python_argv
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_switch_cost_runs_and_reports() -> None:
     # Only the current code: a comparison with an old revision (--old-commit) needs the git
     # history, which a shallow clone has not.
-    argv = [sys.executable, "-m", "loadtests.switch_cost", "--members", "300", "--others", "100"]
+    argv = python_argv("loadtests.switch_cost", "--members", "300", "--others", "100")
     subprocess.run([*argv, "--runs", "1"], cwd=REPO, check=True, capture_output=True, timeout=120)
     doc = orjson.loads((RESULTS / "switch_cost.json").read_bytes())
     assert doc["members"] == 300
