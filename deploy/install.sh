@@ -56,11 +56,19 @@ install_python() {
         "$DMP_PYTHON" -m venv --clear "$DMP_VENV"
     fi
     local want have=""
-    want=$(sha256sum "$DMP_ROOT/pyproject.toml" | cut -d' ' -f1)
+    # The C extension (setup.py, segment_rules/_fastmatch.c) is built by the same install.
+    want=$(cat "$DMP_ROOT/pyproject.toml" "$DMP_ROOT/setup.py" "$DMP_ROOT/segment_rules/_fastmatch.c" |
+        sha256sum | cut -d' ' -f1)
     [[ -f $stamp ]] && have=$(<"$stamp")
     if [[ $want == "$have" ]]; then
-        log "python: $DMP_VENV up to date with pyproject.toml"
+        log "python: $DMP_VENV up to date with pyproject.toml and the C extension"
         return
+    fi
+    # The rule matcher's C extension: a compiler, and the interpreter's headers (Debian's
+    # python3 keeps them in python3-dev; pyenv and python.org builds ship them).
+    install_binary gcc gcc libc6-dev
+    if ! "$py" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+        apt_install python3-dev
     fi
     log "python: pip install -e .[dev] into $DMP_VENV"
     "$py" -m pip install -q --disable-pip-version-check --upgrade pip >&2

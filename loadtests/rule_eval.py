@@ -15,6 +15,8 @@ median of ``--runs`` runs, side by side in one process:
   matches as many *other* events from the same generator (a process in steady state has
   seen traffic before, but never these very events);
 - decode + match, cold: the same with nothing matched before (a process just started);
+- decode + match, Python: the generated Python matcher alone, warm, without the compiled
+  one in front of it (segment_rules/fast_match.py; what every run measured before it);
 - decode + match + record: also updating a per-cookie history, as ingest does before it
   evaluates each touched cookie once per batch;
 - decode + scan: every compiled test run on every event, no index (what the index saves).
@@ -33,7 +35,8 @@ import orjson
 import yaml
 
 from segment_rules import CompiledRules, History, RuleSet, parse_rules
-from segment_rules.event_tests import compile_predicate
+from segment_rules.event_index import EventIndex
+from segment_rules.event_tests import Event, compile_predicate
 
 TYPES = ["page_view"] * 70 + ["click"] * 10 + ["impression"] * 10 + ["search"] * 5
 TYPES += ["conversion"] * 3 + ["video_view"] * 2
@@ -254,8 +257,16 @@ def measure(ruleset: RuleSet, raws: list[bytes], warm: list[bytes], runs: int) -
                 rules.matching_traits(loads(raw))
         return rules
 
-    def decode_match(rules: CompiledRules) -> Callable[[], None]:
-        match = rules.matching_traits
+    def python_only() -> Callable[[Event], tuple[str, ...]]:
+        match = EventIndex(CompiledRules(ruleset).tests, accelerate=False).match
+        for raw in warm:
+            match(loads(raw))
+        return match
+
+    def decode_match(
+        rules: CompiledRules | Callable[[Event], tuple[str, ...]],
+    ) -> Callable[[], None]:
+        match = rules.matching_traits if isinstance(rules, CompiledRules) else rules
 
         def loop() -> None:
             for raw in raws:
@@ -286,11 +297,13 @@ def measure(ruleset: RuleSet, raws: list[bytes], warm: list[bytes], runs: int) -
             event = loads(raw)
             [tid for tid, test in every if test(event)]
 
-    times: dict[str, list[float]] = {k: [] for k in ("decode", "match", "cold", "record", "scan")}
+    kinds = ("decode", "match", "cold", "python", "record", "scan")
+    times: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(runs):  # interleaved, so drift hits all alike
         times["decode"].append(_timed(decode))
         times["match"].append(_timed(decode_match(fresh(True))))
         times["cold"].append(_timed(decode_match(fresh(False))))
+        times["python"].append(_timed(decode_match(python_only())))
         times["record"].append(_timed(decode_match_record(fresh(True))))
         times["scan"].append(_timed(decode_scan))
     return {k: len(raws) / statistics.median(v) for k, v in times.items()}
@@ -323,7 +336,8 @@ def main() -> None:
     print(f"{args.events} events, {sum(map(len, raws)) / len(raws):.0f} bytes each on average")
     print(
         f"{'segments':>8} {'tests':>6} {'decode/s':>10} {'+match/s':>10} {'ratio':>6} "
-        f"{'cold/s':>10} {'ratio':>6} {'+record/s':>10} {'ratio':>6} {'+scan/s':>10} "
+        f"{'cold/s':>10} {'ratio':>6} {'python/s':>10} {'ratio':>6} "
+        f"{'+record/s':>10} {'ratio':>6} {'+scan/s':>10} "
         f"{'matches/ev':>10}"
     )
     for count in args.segments:
@@ -334,7 +348,8 @@ def main() -> None:
         print(
             f"{count:>8} {len(rules.tests):>6} {rate['decode']:>10,.0f} {rate['match']:>10,.0f} "
             f"{rate['match'] / rate['decode']:>6.2f} {rate['cold']:>10,.0f} "
-            f"{rate['cold'] / rate['decode']:>6.2f} {rate['record']:>10,.0f} "
+            f"{rate['cold'] / rate['decode']:>6.2f} {rate['python']:>10,.0f} "
+            f"{rate['python'] / rate['decode']:>6.2f} {rate['record']:>10,.0f} "
             f"{rate['record'] / rate['decode']:>6.2f} {rate['scan']:>10,.0f} {hits:>10.2f}"
         )
 

@@ -11,11 +11,13 @@ without an anchor, run their remaining conjuncts.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from segment_rules.canonical import predicate_form
 from segment_rules.event_memo import LIST, MEMO_LIMIT, Group, Matched, bucket_code
 from segment_rules.event_tests import Event, EventTest, compile_predicate, url_parts
+from segment_rules.fast_match import FAST_LIMIT, fast_matcher
 from segment_rules.model import All, FieldTest, Not, Predicate
 
 # Hits of one lookup: the tests the anchor decides alone, and (test id, what else must hold).
@@ -273,11 +275,18 @@ def _indexed(entries: list[tuple[str, list[Predicate]]]) -> Callable[[Event], li
     return bucket.compile()
 
 
-def _type_code(
-    entries: list[tuple[str, list[Predicate]]], env: dict[str, Any], name: str, limit: int
-) -> tuple[list[str], list[dict[Any, Matched]]]:
-    """The lines matching one event type: its tests grouped by the fields they read, each
-    group indexed (on a memo miss) and memoised (segment_rules.event_memo)."""
+@dataclass(frozen=True)
+class Branch:
+    """One event type's tests: grouped by the fields they read, each group indexed."""
+
+    groups: tuple[Group, ...]
+    # Per group, its (test id, conjuncts) entries: what decides whether it is elementwise.
+    entries: tuple[tuple[tuple[str, list[Predicate]], ...], ...]
+    field_tests: tuple[FieldTest, ...]
+    always: tuple[str, ...]
+
+
+def _branch(entries: list[tuple[str, list[Predicate]]]) -> Branch:
     by_paths: dict[tuple[tuple[str, ...], ...], list[tuple[str, list[Predicate]]]] = {}
     always: list[str] = []
     field_tests: list[FieldTest] = []
@@ -289,9 +298,20 @@ def _type_code(
         field_tests += found
         paths = tuple(sorted({t.path for t in found}))
         by_paths.setdefault(paths, []).append((test_id, conjuncts))
-    groups = [Group(paths, _indexed(group)) for paths, group in by_paths.items()]
+    return Branch(
+        groups=tuple(Group(paths, _indexed(group)) for paths, group in by_paths.items()),
+        entries=tuple(tuple(group) for group in by_paths.values()),
+        field_tests=tuple(field_tests),
+        always=tuple(dict.fromkeys(always)),
+    )
+
+
+def _type_code(
+    branch: Branch, env: dict[str, Any], name: str, limit: int
+) -> tuple[list[str], list[dict[Any, Matched]]]:
+    """The lines matching one event type: each group memoised (segment_rules.event_memo)."""
     pad = " " * 12
-    return bucket_code(groups, field_tests, tuple(dict.fromkeys(always)), env, name, pad, limit)
+    return bucket_code(branch.groups, branch.field_tests, branch.always, env, name, pad, limit)
 
 
 class EventIndex:
@@ -302,7 +322,14 @@ class EventIndex:
     memos; an event whose key cannot be hashed takes the indexed matchers directly.
     """
 
-    def __init__(self, tests: Mapping[str, Predicate], memo_limit: int = MEMO_LIMIT) -> None:
+    def __init__(
+        self,
+        tests: Mapping[str, Predicate],
+        memo_limit: int = MEMO_LIMIT,
+        *,
+        accelerate: bool = True,
+        fast_limit: int = FAST_LIMIT,
+    ) -> None:
         typed: dict[str, list[tuple[str, list[Predicate]]]] = {}
         untyped: list[tuple[str, list[Predicate]]] = []
         for test_id, pred in tests.items():
@@ -324,6 +351,7 @@ class EventIndex:
                 if isinstance(value, str):
                     typed.setdefault(value, []).append((test_id, rest))
         self.memos: list[dict[Any, Matched]] = []
+        branches: dict[str, Branch] = {}
         env: dict[str, Any] = {
             "L": LIST,
             "SCAN": [(test_id, compile_predicate(pred)) for test_id, pred in tests.items()],
@@ -335,11 +363,13 @@ class EventIndex:
         order = sorted(typed, key=lambda k: -len(typed[k]))
         for n, name in enumerate(order):
             lines.append(f"        {'if' if n == 0 else 'elif'} kind == {name!r}:")
-            code, memos = _type_code(typed[name] + untyped, env, f"B{n}", memo_limit)
+            branches[name] = _branch(typed[name] + untyped)
+            code, memos = _type_code(branches[name], env, f"B{n}", memo_limit)
             lines += code
             self.memos += memos
         lines.append(f"        {'elif' if order else 'if'} kind is None or type(kind) is str:")
-        code, memos = _type_code(untyped, env, "D", memo_limit)
+        default = _branch(untyped)
+        code, memos = _type_code(default, env, "D", memo_limit)
         lines += code
         self.memos += memos
         lines += [
@@ -353,4 +383,9 @@ class EventIndex:
             "    return tuple(test_id for test_id, check in SCAN if check(event))",
         ]
         exec(compile("\n".join(lines), "<segment_rules.event_index>", "exec"), env)
-        self.match: Callable[[Event], Matched] = env["match"]
+        # The generated Python, and the compiled matcher in front of it when built
+        # (segment_rules.fast_match): both give the same answers, the second faster.
+        self.python_match: Callable[[Event], Matched] = env["match"]
+        self.match: Callable[[Event], Matched] = self.python_match
+        if accelerate:
+            self.match = fast_matcher(branches, default, self.python_match, fast_limit)

@@ -1,4 +1,7 @@
-"""The memo in front of the event index (segment_rules.event_memo): exact on every repeat."""
+"""The memo in front of the event index (segment_rules.event_memo): exact on every repeat.
+
+These build the generated Python alone (``accelerate=False``): the compiled matcher in
+front of it has tests of its own (tests/rules/test_fast_match.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ def index_of(wheres: list[str], limit: int = 1 << 15) -> tuple[EventIndex, Compi
     for n, where in enumerate(wheres):
         lines.append(f"  - id: s{n}\n    rule: {{within: 1d, where: {where}}}")
     rules = CompiledRules(parse_rules("\n".join(lines) + "\n"))
-    return EventIndex(rules.tests, memo_limit=limit), rules
+    return EventIndex(rules.tests, memo_limit=limit, accelerate=False), rules
 
 
 def check(index: EventIndex, rules: CompiledRules, events: list[dict[str, Any]]) -> None:

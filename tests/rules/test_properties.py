@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from segment_rules import CompiledRules, History, parse_rules
 from segment_rules.event_index import EventIndex
 from segment_rules.event_memo import MEMO_LIMIT
+from segment_rules.fast_match import FAST_LIMIT
 from segment_rules.interpreter import Interpreter, decayed_score, event_passes
 from segment_rules.model import All, AnyOf, Condition, Not, RuleSet, Score
 from tests.rules.strategies import (
@@ -118,19 +119,28 @@ def test_index_finds_exactly_the_matching_tests(
     pool=st.lists(events(), min_size=1, max_size=6),
     order=st.lists(st.integers(0, 5), max_size=40),
     limit=st.sampled_from([1, 2, 3, MEMO_LIMIT]),
+    fast_limit=st.sampled_from([1, 40, 200, FAST_LIMIT]),
+    accelerate=st.booleans(),
 )
 def test_memoised_answers_agree_on_repeating_streams(
-    preds: list[Any], pool: list[dict[str, Any]], order: list[int], limit: int
+    preds: list[Any],
+    pool: list[dict[str, Any]],
+    order: list[int],
+    limit: int,
+    fast_limit: int,
+    accelerate: bool,
 ) -> None:
     """Events that repeat (in full or in the fields the tests read) are answered from the
-    memos, which are also evicted (tiny limits): answers stay exact."""
+    memos, which are also evicted (tiny limits): answers stay exact, from the generated
+    Python alone and from the compiled matcher in front of it (which forgets everything
+    when its ids pass ``fast_limit``)."""
     doc = {
         "segments": [
             {"id": f"s{n}", "rule": {"within": "1d", "where": p}} for n, p in enumerate(preds)
         ]
     }
     tests = CompiledRules(load(doc)).tests
-    index = EventIndex(tests, memo_limit=limit)
+    index = EventIndex(tests, memo_limit=limit, accelerate=accelerate, fast_limit=fast_limit)
     for n in order:
         event = copy.deepcopy(pool[n % len(pool)])  # equal values, not the same objects
         found = index.match(event)
@@ -226,6 +236,7 @@ def _with_field(event: dict[str, Any], path: tuple[str, ...], source: dict[str, 
     edits=st.lists(st.tuples(st.sampled_from(ONE_FIELD), events()), min_size=1, max_size=6),
     order=st.lists(st.integers(0, 6), max_size=40),
     limit=st.sampled_from([1, 2, MEMO_LIMIT]),
+    accelerate=st.booleans(),
 )
 def test_memoised_answers_agree_on_near_repeats(
     preds: list[Any],
@@ -233,6 +244,7 @@ def test_memoised_answers_agree_on_near_repeats(
     edits: list[tuple[tuple[str, ...], dict[str, Any]]],
     order: list[int],
     limit: int,
+    accelerate: bool,
 ) -> None:
     """Events equal in every field the tests read but one: a memo keyed on too few of the
     fields (or on a projection that loses one) would answer one of them with another's."""
@@ -242,7 +254,7 @@ def test_memoised_answers_agree_on_near_repeats(
         ]
     }
     tests = CompiledRules(load(doc)).tests
-    index = EventIndex(tests, memo_limit=limit)
+    index = EventIndex(tests, memo_limit=limit, accelerate=accelerate)
     pool = [base] + [_with_field(base, path, source) for path, source in edits]
     for n in order:
         event = copy.deepcopy(pool[n % len(pool)])

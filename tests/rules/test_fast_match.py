@@ -1,0 +1,231 @@
+"""The compiled matcher (segment_rules/_fastmatch.c) in front of the generated Python.
+
+Every answer is checked against the plain interpreter; the counters (`stats()`) show which
+way an event went: answered from the tables (`hits`), a group's matcher called for a key
+never seen (`fills`), or the generated Python for what the tables do not keep
+(`fallbacks`). The property tests in test_properties.py run it on random rules and events.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from segment_rules import CompiledRules, fast_match, parse_rules
+from segment_rules.event_index import EventIndex, _conjuncts
+from segment_rules.fast_match import DISABLE_ENV, Matcher, elementwise
+from segment_rules.interpreter import event_passes
+from segment_rules.model import FieldTest
+
+
+def rules_of(wheres: list[str]) -> CompiledRules:
+    lines = ["segments:"]
+    for n, where in enumerate(wheres):
+        lines.append(f"  - id: s{n}\n    rule: {{within: 1d, where: {where}}}")
+    return CompiledRules(parse_rules("\n".join(lines) + "\n"))
+
+
+class Built:
+    """An index and the tests it was built from (what every answer is checked against)."""
+
+    def __init__(self, wheres: list[str], fast_limit: int = fast_match.FAST_LIMIT) -> None:
+        self.tests = rules_of(wheres).tests
+        self.index = EventIndex(self.tests, fast_limit=fast_limit)
+        self.match = self.index.match
+
+
+def build(wheres: list[str], fast_limit: int = fast_match.FAST_LIMIT) -> Built:
+    return Built(wheres, fast_limit)
+
+
+def check(built: Built, events: list[dict[str, Any]], rounds: int = 2) -> None:
+    for event in events * rounds:
+        found = built.match(event)
+        assert len(found) == len(set(found)), event
+        expected = {tid for tid, pred in built.tests.items() if event_passes(pred, event)}
+        assert set(found) == expected, event
+
+
+def stats(built: Built) -> dict[str, int]:
+    result: dict[str, int] = built.match.stats()  # type: ignore[attr-defined]
+    return result
+
+
+def test_the_compiled_matcher_is_built_and_used() -> None:
+    # pip install -e . builds it (setup.py); without it matching is ~1.7x slower (0011).
+    assert Matcher is not None
+    assert isinstance(build(["{field: categories, under: auto}"]).match, Matcher)
+
+
+def test_pure_python_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    built = build(["{field: categories, under: auto}"])
+    assert not isinstance(built.match, Matcher)
+    assert built.match is built.index.python_match
+
+
+def test_lists_are_answered_per_element() -> None:
+    built = build(
+        [
+            "{field: categories, under: auto}",
+            "{field: categories, equals: news}",
+            "{any: [{field: categories, prefix: trav}, {field: categories, equals: food}]}",
+        ]
+    )
+    lists = [["auto/suv", "news"], ["news", "auto"], ["food", "travel/air", "auto/suv"]]
+    lists += [["news", "news"], [], ["auto/suv", "auto", "auto/suv/x"]]
+    check(built, [{"type": "page_view", "categories": c} for c in lists])
+    check(built, [{"type": "page_view", "categories": "news"}, {"type": "page_view"}])
+    # Six distinct categories: one fill each, whatever lists they came in.
+    assert stats(built)["fills"] == 6
+    assert stats(built)["fallbacks"] == 0
+
+
+def test_a_conjunction_on_one_list_is_not_split_by_element() -> None:
+    # Both parts can hold on different elements: the union of per-element answers would
+    # miss it, so the group is keyed on the whole list.
+    where = "{all: [{field: categories, under: auto}, {field: categories, under: news}]}"
+    built = build([where, "{not: {field: categories, equals: news}}"])
+    check(built, [{"categories": ["auto/suv", "news"]}, {"categories": ["news", "auto/suv"]}])
+    check(built, [{"categories": ["auto"]}, {"categories": ["news"]}, {"categories": []}])
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ({"field": "categories", "under": "auto"}, True),
+        (
+            {"any": [{"field": "categories", "under": "a"}, {"field": "categories", "in": ["b"]}]},
+            True,
+        ),
+        ({"field": "categories", "not_in": ["news"]}, False),
+        ({"field": "categories", "exists": True}, False),
+        ({"not": {"field": "categories", "equals": "news"}}, False),
+        (
+            {"all": [{"field": "categories", "under": "a"}, {"field": "categories", "under": "b"}]},
+            False,
+        ),
+    ],
+)
+def test_which_groups_are_elementwise(where: dict[str, Any], expected: bool) -> None:
+    doc = {"segments": [{"id": "s", "rule": {"within": "1d", "where": where}}]}
+    (pred,) = CompiledRules(parse_rules(yaml.safe_dump(doc))).tests.values()
+    paths = tuple(sorted({t.path for t in _field_tests_of(pred)}))
+    assert elementwise(paths, [("t", _conjuncts(pred))]) is expected
+
+
+def _field_tests_of(pred: Any) -> list[FieldTest]:
+    if isinstance(pred, FieldTest):
+        return [pred]
+    if hasattr(pred, "part"):
+        return _field_tests_of(pred.part)
+    return [t for p in pred.parts for t in _field_tests_of(p)]
+
+
+def test_urls_are_cut_to_what_path_prefixes_can_tell_apart() -> None:
+    built = build(
+        [
+            "{all: [{field: url, host_suffix: a.example}, {field: url, path_prefix: /models/}]}",
+            "{field: url, path_prefix: /mo}",
+            "{field: url, prefix: 'https://a.example/de'}",
+        ]
+    )
+    items = [{"type": "page_view", "url": f"https://a.example/item-{n}"} for n in range(50)]
+    check(built, items)
+    # None of the path prefixes starts '/i': every /item-N is one key.
+    assert stats(built)["fills"] <= 2
+    check(
+        built,
+        [
+            {"url": u}
+            for u in (
+                "https://a.example/models/1",
+                "https://a.example/models",
+                "https://a.example/mo",
+                "https://a.example/m",
+                "https://a.example/",
+                "https://b.a.example/models/x",
+                "https://a.example.evil/models/",
+                "https://a.example/dealers",
+                "https://a.example/d",
+                "http://a.example/models/",
+                "https://a.example?/models/",
+                "https://a.example#/models/",
+            )
+        ],
+    )
+
+
+def test_what_the_tables_do_not_keep_goes_to_the_python() -> None:
+    built = build(
+        [
+            "{field: url, host: a.example}",
+            "{field: attrs.v, lt: 50}",
+            "{field: attrs.v, equals: 1}",
+            "{field: categories, under: auto}",
+        ]
+    )
+    odd: list[dict[str, Any]] = [
+        {"url": "a.example/no-scheme"},
+        {"url": "https://a.example"},  # no '/' after the host
+        {"url": ["https://a.example/"]},
+        {"attrs": {"v": 1}},
+        {"attrs": {"v": True}},
+        {"attrs": {"v": 1.0}},
+        {"categories": [7, "auto"]},
+        {"categories": {"auto": 1}},
+        {"type": ["page_view"]},
+        {"type": 3},
+    ]
+    before = stats(built)["fallbacks"]
+    check(built, odd, rounds=1)
+    assert stats(built)["fallbacks"] - before == len(odd)
+    check(built, [{"attrs": {"v": "1"}}, {"attrs": None}, {"geo": "x"}, {}], rounds=1)
+    assert stats(built)["fallbacks"] - before == len(odd)
+
+
+def test_nested_fields_share_their_parent() -> None:
+    built = build(
+        [
+            "{all: [{field: geo.country, equals: USA}, {field: geo.metro, in: ['803', '501']}]}",
+            "{field: geo.region, equals: CA}",
+            "{field: geo.zip, exists: true}",
+        ]
+    )
+    events: list[dict[str, Any]] = [
+        {"geo": {"country": "USA", "metro": "803", "region": "CA", "zip": "90210"}},
+        {"geo": {"country": "USA", "metro": "500"}},
+        {"geo": {"country": "CAN", "metro": "803"}},
+        {"geo": {"region": "CA"}},
+        {"geo": "USA"},
+        {"geo": None},
+        {},
+    ]
+    check(built, events)
+
+
+def test_everything_is_forgotten_past_the_limit_and_answers_stay_exact() -> None:
+    built = build(["{field: categories, under: auto}", "{field: geo.region, equals: CA}"], 40)
+    events = [
+        {"categories": [f"auto/m{n}", f"x{n}"], "geo": {"region": "CA" if n % 2 else f"R{n}"}}
+        for n in range(60)
+    ]
+    check(built, events)
+    assert stats(built)["clears"] > 0
+    assert stats(built)["ids"] <= 40 + 10  # an event may pass the limit; never more
+
+
+def test_a_filler_error_reaches_the_caller() -> None:
+    def fallback(event: Any) -> tuple[str, ...]:
+        return ()
+
+    def broken(event: Any) -> tuple[str, ...]:
+        raise ValueError("boom")
+
+    field = (("categories",), False, (), ())
+    matcher = Matcher(((((field,), (((0,), True, broken),), ()),)), {}, 0, fallback)
+    with pytest.raises(ValueError, match="boom"):
+        matcher({"categories": ["a"]})
+    assert matcher({"categories": []}) == ()
