@@ -109,13 +109,15 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
-    PyObject *spec;      /* keeps every borrowed object alive */
-    PyObject *branch_of; /* dict: type text -> branch number */
+    PyObject *spec;      /* the branches: keeps every borrowed object alive */
+    PyObject *branch_of; /* dict: type text -> branch number (our copy: checked once) */
     Py_ssize_t default_branch;
     PyObject *fallback;  /* fallback(event) -> tuple, for whatever is not for the table */
     PyObject *type_key;  /* "type" */
     Branch *branches;
     Py_ssize_t n_branches;
+    PyObject **walk; /* read_field's nodes, for the deepest path (one event at a time) */
+    Py_ssize_t max_depth;
     uint32_t n_group_ids;
     TextTable texts;
     ConsTable cons;
@@ -126,6 +128,7 @@ typedef struct {
     int busy;
     /* counters, for tests and the benchmark */
     unsigned long long hits, fills, fallbacks, clears;
+    unsigned long long probes; /* text slots stepped over: stays near the texts' count */
 } Matcher;
 
 /* ---- hashing ------------------------------------------------------------------------ */
@@ -139,18 +142,14 @@ static inline uint64_t mix(uint64_t h) {
     return h;
 }
 
+/* Texts come from outside (URLs, categories, free-form attrs): with a hash anyone can
+   compute, a sender crafts texts that all land in one probe chain, each new one walking the
+   whole chain (with the unkeyed word-mixing hash this replaced, texts whose mixed 8-byte
+   words differ only in the top bit of a pair of words shared their hash: 2**k texts of 16k
+   bytes in one chain, a seed or not). CPython's keyed hash of str (SipHash, PYTHONHASHSEED)
+   is the one its own dicts rely on for the same traffic. */
 static uint64_t hash_bytes(const char *p, size_t n, int kind) {
-    uint64_t h = 0x9e3779b97f4a7c15ULL ^ ((uint64_t)n * 0x100000001b3ULL) ^ (uint64_t)kind;
-    while (n >= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        h = (h ^ mix(w)) * 0x100000001b3ULL;
-        p += 8;
-        n -= 8;
-    }
-    uint64_t w = 0;
-    memcpy(&w, p, n);
-    h = mix(h ^ w ^ ((uint64_t)n << 56));
+    uint64_t h = (uint64_t)_Py_HashBytes(p, (Py_ssize_t)n) ^ (uint64_t)kind;
     return h ? h : 1;
 }
 
@@ -191,7 +190,7 @@ static int text_grow(TextTable *t) {
 }
 
 /* The id of a text; a new id when `insert`, else ID_NONE when unknown. -1 on memory error
-   (as (uint32_t)-1, never a valid id). */
+   (as (uint32_t)-1, never a valid id), with MemoryError set. */
 static uint32_t text_id(Matcher *m, const char *data, size_t nbytes, int kind, int insert) {
     TextTable *t = &m->texts;
     uint64_t h = hash_bytes(data, nbytes, kind);
@@ -203,6 +202,7 @@ static uint32_t text_id(Matcher *m, const char *data, size_t nbytes, int kind, i
             memcmp(slot_data(s), data, nbytes) == 0)
             return s->id;
         j = (j + 1) & t->mask;
+        m->probes++;
     }
     if (!insert) return ID_NONE;
     TextSlot *s = &t->slots[j];
@@ -210,7 +210,10 @@ static uint32_t text_id(Matcher *m, const char *data, size_t nbytes, int kind, i
         memcpy(s->u.inline_data, data, nbytes);
     } else {
         char *copy = PyMem_Malloc(nbytes);
-        if (!copy) return (uint32_t)-1;
+        if (!copy) {
+            PyErr_NoMemory();
+            return (uint32_t)-1;
+        }
         memcpy(copy, data, nbytes);
         s->u.data = copy;
     }
@@ -219,7 +222,10 @@ static uint32_t text_id(Matcher *m, const char *data, size_t nbytes, int kind, i
     s->nbytes = (uint32_t)nbytes;
     s->kind = (uint32_t)kind;
     t->used++;
-    if (t->used * 2 > t->mask + 1 && text_grow(t) < 0) return (uint32_t)-1;
+    if (t->used * 2 > t->mask + 1 && text_grow(t) < 0) {
+        PyErr_NoMemory(); /* the text is in (the table is just fuller): the event fails */
+        return (uint32_t)-1;
+    }
     return m->next_id - 1;
 }
 
@@ -263,7 +269,10 @@ static uint32_t cons_id(Matcher *m, uint32_t a, uint32_t b, int insert) {
     s->key = key;
     s->id = m->next_id++;
     t->used++;
-    if (t->used * 2 > t->mask + 1 && cons_grow(t) < 0) return (uint32_t)-1;
+    if (t->used * 2 > t->mask + 1 && cons_grow(t) < 0) {
+        PyErr_NoMemory();
+        return (uint32_t)-1;
+    }
     return m->next_id - 1;
 }
 
@@ -272,17 +281,23 @@ static void drop_answers(Matcher *m) {
     for (size_t i = 0; i < m->answers_size; i++) Py_CLEAR(m->answers[i]);
 }
 
-/* Forget every text, cell and answer (ids restart after the group ids). */
+/* Forget every text, cell and answer (ids restart after the group ids). The new tables
+   are made first: when they cannot be, the old ones stay (and the next event tries again),
+   never a matcher without tables. */
 static int matcher_reset(Matcher *m) {
-    drop_answers(m);
-    text_free(&m->texts);
-    PyMem_Free(m->cons.slots);
-    m->cons.slots = NULL;
-    m->next_id = FIRST_GROUP_ID + m->n_group_ids;
-    if (text_init(&m->texts, 1024) < 0 || cons_init(&m->cons, 1024) < 0) {
+    TextTable texts;
+    ConsTable cons;
+    if (text_init(&texts, 1024) < 0 || cons_init(&cons, 1024) < 0) {
+        if (texts.slots) PyMem_Free(texts.slots);
         PyErr_NoMemory();
         return -1;
     }
+    drop_answers(m);
+    text_free(&m->texts);
+    PyMem_Free(m->cons.slots);
+    m->texts = texts;
+    m->cons = cons;
+    m->next_id = FIRST_GROUP_ID + m->n_group_ids;
     return 0;
 }
 
@@ -310,11 +325,10 @@ static int store_answer(Matcher *m, uint32_t id, PyObject *answer) {
 
 /* ---- reading an event ---------------------------------------------------------------- */
 
-#define MAX_DEPTH 16
-
 /* The raw value at a field's path (borrowed), NULL when missing. -1 on error. `walk[i]` is
    the node below the path's first i keys (NULL: none), kept for the next field, which
-   starts from the nodes the two paths share (geo.country, geo.metro: "geo" read once). */
+   starts from the nodes the two paths share (geo.country, geo.metro: "geo" read once).
+   `walk` has room for the deepest path of the rule set (m->walk). */
 static int read_field(PyObject *event, const Field *f, PyObject **walk, PyObject **out) {
     walk[0] = event;
     for (Py_ssize_t i = f->shared; i < f->depth; i++) {
@@ -407,7 +421,7 @@ static Py_ssize_t url_cut(const Field *f, PyObject *text) {
 #define MAX_ELEMENTS 64
 
 typedef struct {
-    PyObject *raw;          /* borrowed; NULL when missing */
+    PyObject *raw;          /* held by match_branch (fillers run Python); NULL: missing */
     int is_list;
     Py_ssize_t n;           /* elements (1 for a text) */
     uint32_t ids[MAX_ELEMENTS];
@@ -431,6 +445,7 @@ static int value_ids(Matcher *m, const Field *f, PyObject *raw, Value *v) {
             v->cut = len;
         }
         int kind = PyUnicode_KIND(raw);
+        if ((size_t)len * kind > UINT32_MAX) return 0; /* a slot's nbytes is 32 bits */
         uint32_t id = text_id(m, PyUnicode_DATA(raw), (size_t)len * kind, kind, 1);
         if (id == (uint32_t)-1) return -1;
         v->ids[0] = id;
@@ -445,6 +460,7 @@ static int value_ids(Matcher *m, const Field *f, PyObject *raw, Value *v) {
         PyObject *item = PyList_GET_ITEM(raw, i);
         if (!PyUnicode_CheckExact(item)) return 0;
         int kind = PyUnicode_KIND(item);
+        if ((size_t)PyUnicode_GET_LENGTH(item) * kind > UINT32_MAX) return 0;
         uint32_t id = text_id(m, PyUnicode_DATA(item),
                               (size_t)PyUnicode_GET_LENGTH(item) * kind, kind, 1);
         if (id == (uint32_t)-1) return -1;
@@ -529,11 +545,24 @@ static PyObject *answer_or_fill(Matcher *m, uint32_t key, PyObject *fill, PyObje
     return failed ? NULL : m->answers[key];
 }
 
-static PyObject *element_object(const Value *v, Py_ssize_t i) {
+/* Element i of a value, for an elementwise filler. A filler that ran before (Python) may
+   have changed the list in the event: its element i must still be the text whose id keyed
+   the look-up, or the answer stored would be another text's (or the read past its end). */
+static PyObject *element_object(Matcher *m, const Value *v, Py_ssize_t i) {
     if (v->is_list) {
-        PyObject *item = PyList_GET_ITEM(v->raw, i);
-        Py_INCREF(item);
-        return item;
+        if (i < PyList_GET_SIZE(v->raw)) {
+            PyObject *item = PyList_GET_ITEM(v->raw, i);
+            if (PyUnicode_CheckExact(item)) {
+                int kind = PyUnicode_KIND(item);
+                size_t nbytes = (size_t)PyUnicode_GET_LENGTH(item) * kind;
+                if (text_id(m, PyUnicode_DATA(item), nbytes, kind, 0) == v->ids[i]) {
+                    Py_INCREF(item);
+                    return item;
+                }
+            }
+        }
+        PyErr_SetString(PyExc_RuntimeError, "the event changed while it was matched");
+        return NULL;
     }
     if (v->cut >= 0) return PyUnicode_Substring(v->raw, 0, v->cut);
     Py_INCREF(v->raw);
@@ -552,10 +581,14 @@ static PyObject *match_branch(Matcher *m, const Branch *b, PyObject *event) {
         values = PyMem_Malloc(b->n_fields * sizeof(Value));
         if (!values) return PyErr_NoMemory();
     }
-    PyObject *walk[MAX_DEPTH + 1];
+    Py_ssize_t held = 0; /* values[:held].raw are strong references */
     for (Py_ssize_t i = 0; i < b->n_fields; i++) {
         PyObject *raw;
-        if (read_field(event, &b->fields[i], walk, &raw) < 0) goto done;
+        if (read_field(event, &b->fields[i], m->walk, &raw) < 0) goto done;
+        /* Borrowed from the event, which fillers (Python) could change: held until done. */
+        Py_XINCREF(raw);
+        values[i].raw = raw;
+        held++;
         int ok = value_ids(m, &b->fields[i], raw, &values[i]);
         if (ok < 0) goto done;
         if (ok == 0) {
@@ -574,7 +607,7 @@ static PyObject *match_branch(Matcher *m, const Branch *b, PyObject *event) {
                 if (key == (uint32_t)-1) goto done;
                 PyObject *answer = answer_of(m, key);
                 if (!answer) {
-                    PyObject *element = element_object(v, i);
+                    PyObject *element = element_object(m, v, i);
                     if (!element) goto done;
                     answer = answer_or_fill(m, key, grp->fill, element);
                     Py_DECREF(element);
@@ -602,6 +635,7 @@ static PyObject *match_branch(Matcher *m, const Branch *b, PyObject *event) {
         }
     }
 done:
+    for (Py_ssize_t i = 0; i < held; i++) Py_XDECREF(values[i].raw);
     if (out.items != out.stack) PyMem_Free(out.items);
     if (values != values_stack) PyMem_Free(values);
     return result;
@@ -650,7 +684,10 @@ static PyObject *Matcher_vectorcall(PyObject *self, PyObject *const *args, size_
 static int fill_strs(PyObject *seq, PyObject ***out, Py_ssize_t *n) {
     *n = PyTuple_GET_SIZE(seq);
     *out = PyMem_Calloc(*n ? *n : 1, sizeof(PyObject *));
-    if (!*out) return -1;
+    if (!*out) {
+        PyErr_NoMemory();
+        return -1;
+    }
     for (Py_ssize_t i = 0; i < *n; i++) {
         PyObject *s = PyTuple_GET_ITEM(seq, i);
         if (!PyUnicode_CheckExact(s)) {
@@ -686,10 +723,12 @@ static int parse_branch(Matcher *m, PyObject *spec, Branch *b) {
                               &f->url, &PyTuple_Type, &paths, &PyTuple_Type, &texts))
             return -1;
         if (fill_strs(path, &f->keys, &f->depth) < 0) return -1;
-        if (f->depth < 1 || f->depth > MAX_DEPTH) {
-            PyErr_SetString(PyExc_ValueError, "a field path has 1 to 16 keys");
+        if (f->depth < 1) {
+            PyErr_SetString(PyExc_ValueError, "a field path has a key at least");
             return -1;
         }
+        /* Any depth: rules may name attrs.<a>.<b>... as deep as they like. */
+        if (f->depth > m->max_depth) m->max_depth = f->depth;
         if (i > 0) {
             const Field *prev = &b->fields[i - 1];
             while (f->shared < f->depth - 1 && f->shared < prev->depth &&
@@ -756,12 +795,12 @@ static int Matcher_init(PyObject *self, PyObject *args, PyObject *kwargs) {
                              NULL};
     PyObject *branches, *branch_of, *fallback;
     Py_ssize_t default_branch;
-    unsigned int limit = 1u << 20;
+    Py_ssize_t limit = 1 << 20;
     if (m->spec) {
         PyErr_SetString(PyExc_RuntimeError, "Matcher is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!nO|I", kwlist, &PyTuple_Type,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!nO|n", kwlist, &PyTuple_Type,
                                      &branches, &PyDict_Type, &branch_of, &default_branch,
                                      &fallback, &limit))
         return -1;
@@ -770,12 +809,19 @@ static int Matcher_init(PyObject *self, PyObject *args, PyObject *kwargs) {
         PyErr_SetString(PyExc_ValueError, "default_branch out of range");
         return -1;
     }
-    m->spec = Py_NewRef(args);
-    m->vectorcall = Matcher_vectorcall;
-    m->branch_of = Py_NewRef(branch_of);
+    /* Ids are 32 bits and an event may add some past the limit: far below 2**32. */
+    if (limit < 0 || limit > (Py_ssize_t)1 << 31) {
+        PyErr_SetString(PyExc_ValueError, "limit is 0 to 2**31");
+        return -1;
+    }
+    /* The branches tuple itself, not `args`: given by keyword, it is not in `args`. */
+    m->spec = Py_NewRef(branches);
+    /* A copy: the caller's dict could change after the branch numbers are checked. */
+    m->branch_of = PyDict_Copy(branch_of);
+    if (!m->branch_of) return -1;
     m->fallback = Py_NewRef(fallback);
     m->default_branch = default_branch;
-    m->limit = limit;
+    m->limit = (uint32_t)limit;
     m->type_key = PyUnicode_InternFromString("type");
     if (!m->type_key) return -1;
     m->branches = PyMem_Calloc(m->n_branches ? m->n_branches : 1, sizeof(Branch));
@@ -786,16 +832,25 @@ static int Matcher_init(PyObject *self, PyObject *args, PyObject *kwargs) {
     for (Py_ssize_t i = 0; i < m->n_branches; i++) {
         if (parse_branch(m, PyTuple_GET_ITEM(branches, i), &m->branches[i]) < 0) return -1;
     }
+    m->walk = PyMem_Calloc(m->max_depth + 1, sizeof(PyObject *));
+    if (!m->walk) {
+        PyErr_NoMemory();
+        return -1;
+    }
     PyObject *key, *value;
     Py_ssize_t pos = 0;
-    while (PyDict_Next(branch_of, &pos, &key, &value)) {
+    while (PyDict_Next(m->branch_of, &pos, &key, &value)) {
         Py_ssize_t n = PyLong_AsSsize_t(value);
         if (!PyUnicode_CheckExact(key) || n < 0 || n >= m->n_branches) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad branch_of entry");
             return -1;
         }
     }
-    return matcher_reset(m);
+    if (matcher_reset(m) < 0) return -1;
+    /* Callable only now: a failed __init__ leaves an object without tables, which then
+       raises TypeError when called (PyVectorcall_Call) instead of reading them. */
+    m->vectorcall = Matcher_vectorcall;
+    return 0;
 }
 
 static int Matcher_traverse(PyObject *self, visitproc visit, void *arg) {
@@ -811,6 +866,7 @@ static int Matcher_traverse(PyObject *self, visitproc visit, void *arg) {
 
 static int Matcher_clear(PyObject *self) {
     Matcher *m = (Matcher *)self;
+    m->vectorcall = NULL; /* its fallback and fillers are gone: not callable any more */
     drop_answers(m);
     Py_CLEAR(m->spec);
     Py_CLEAR(m->branch_of);
@@ -827,18 +883,20 @@ static void Matcher_dealloc(PyObject *self) {
     text_free(&m->texts);
     PyMem_Free(m->cons.slots);
     PyMem_Free(m->answers);
+    PyMem_Free(m->walk);
     Py_TYPE(self)->tp_free(self);
 }
 
 static PyObject *Matcher_stats(PyObject *self, PyObject *unused) {
     Matcher *m = (Matcher *)self;
-    return Py_BuildValue("{sKsKsKsKsIsn}", "hits", m->hits, "fills", m->fills, "fallbacks",
+    return Py_BuildValue("{sKsKsKsKsIsnsK}", "hits", m->hits, "fills", m->fills, "fallbacks",
                          m->fallbacks, "clears", m->clears, "ids", m->next_id, "texts",
-                         (Py_ssize_t)m->texts.used);
+                         (Py_ssize_t)m->texts.used, "probes", m->probes);
 }
 
 static PyMethodDef Matcher_methods[] = {
-    {"stats", Matcher_stats, METH_NOARGS, "Counters: hits, fills, fallbacks, clears, ids."},
+    {"stats", Matcher_stats, METH_NOARGS,
+     "Counters: hits, fills, fallbacks, clears, ids, texts, probes."},
     {NULL, NULL, 0, NULL},
 };
 

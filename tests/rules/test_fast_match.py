@@ -229,3 +229,172 @@ def test_a_filler_error_reaches_the_caller() -> None:
     with pytest.raises(ValueError, match="boom"):
         matcher({"categories": ["a"]})
     assert matcher({"categories": []}) == ()
+
+
+def _one_group(fill: Any, fallback: Any = None, **kwargs: Any) -> Matcher:
+    """A matcher of one elementwise group reading `categories`, built by hand."""
+    field = (("categories",), False, (), ())
+    branches = (((field,), (((0,), True, fill),), ()),)
+    return Matcher(branches, {}, 0, fallback or (lambda event: ("fallback",)), **kwargs)
+
+
+def test_paths_of_any_depth() -> None:
+    # attrs.<name> is free-form: a rule may name a path deeper than any fixed bound, and
+    # building the index must not fail for it.
+    deep = "attrs." + ".".join(f"k{n}" for n in range(20))
+    built = build([f"{{field: {deep}, equals: x}}", "{field: attrs.k0.z, equals: y}"])
+    leaf: Any = "x"
+    for key in reversed(deep.split(".")):
+        leaf = {key: leaf}
+    leaf["attrs"]["k0"]["z"] = "y"
+    check(built, [leaf, {"attrs": {"k0": {"z": "y"}}}, {"attrs": {"k0": "x"}}])
+    assert stats(built)["fallbacks"] == 0
+
+
+def test_a_spec_given_by_keyword_is_kept_alive() -> None:
+    import gc
+    import weakref
+
+    def fill(element: Any) -> tuple[str, ...]:
+        return ("t",)
+
+    alive = weakref.ref(fill)
+    field = (("categories",), False, (), ())
+    matcher = Matcher(
+        branches=((((field,), (((0,), True, fill),), ()),)),
+        branch_of={},
+        default_branch=0,
+        fallback=lambda event: (),
+    )
+    del fill
+    gc.collect()
+    assert alive() is not None
+    assert matcher({"categories": ["a"]}) == ("t",)
+
+
+def test_a_failed_init_leaves_nothing_callable() -> None:
+    matcher = Matcher.__new__(Matcher)
+    field = (("categories",), False, (), ())
+    with pytest.raises(ValueError, match="bad field index"):
+        matcher.__init__(((((field,), (((5,), True, print),), ()),)), {}, 0, print)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        matcher({"categories": ["a"]})
+
+
+def test_branch_numbers_are_checked_once_and_kept() -> None:
+    field = (("categories",), False, (), ())
+    branch_of = {"page_view": 0}
+    matcher = Matcher(
+        ((((field,), (((0,), True, lambda e: ("t",)),), ()),)), branch_of, 0, lambda e: ()
+    )
+    branch_of["click"] = 1 << 40  # no such branch: changing the dict changes nothing
+    assert matcher({"type": "click", "categories": ["a"]}) == ("t",)
+
+
+@pytest.mark.parametrize("limit", [-1, 1 << 32, (1 << 32) + 5])
+def test_a_limit_out_of_range_is_refused(limit: int) -> None:
+    with pytest.raises(ValueError, match="limit"):
+        _one_group(lambda e: (), limit=limit)
+
+
+def _short_of_memory(matcher: Matcher, event: dict[str, Any]) -> BaseException | None:
+    """What matching ``event`` raises when the next allocation fails (_testcapi's hooks)."""
+    testcapi = pytest.importorskip("_testcapi")
+    testcapi.set_nomemory(0, 1)
+    try:
+        matcher(event)
+    except BaseException as error:  # whatever it is, the test shows it
+        return error
+    finally:
+        testcapi.remove_mem_hooks()
+    return None
+
+
+def test_out_of_memory_raises_memory_error() -> None:
+    matcher = _one_group(lambda e: ("t",), limit=10)
+    long_text = {"categories": ["a" * 100]}  # copied out of the slot: an allocation
+    assert isinstance(_short_of_memory(matcher, long_text), MemoryError)
+    assert matcher(long_text) == ("t",)
+
+
+def test_a_reset_short_of_memory_keeps_the_old_tables() -> None:
+    matcher = _one_group(lambda e: ("t",), limit=10)
+    for n in range(12):  # past the limit: the next event resets the tables
+        matcher({"categories": [f"c{n}"]})
+    event = {"categories": ["b"]}
+    assert isinstance(_short_of_memory(matcher, event), MemoryError)  # the reset's tables
+    # The old tables were kept: the next event resets them and is answered.
+    assert matcher(event) == ("t",)
+    assert matcher({"categories": ["a" * 100, "b"]}) == ("t",)
+
+
+def test_a_filler_changing_the_event_is_caught() -> None:
+    # An elementwise group reads its list's elements after the fillers of earlier groups
+    # (Python) ran: a changed list must not be read past its end nor answered as it is now.
+    field = (("categories",), False, (), ())
+    answers = {"a": ("ta",), "b": ("tb",)}
+
+    def run(change: Any) -> Matcher:
+        def whole(event: Any) -> tuple[str, ...]:
+            change(event["categories"])
+            return ()
+
+        def each(element: Any) -> tuple[str, ...]:
+            return answers.get(element, ())
+
+        groups = (((0,), False, whole), ((0,), True, each))
+        return Matcher(((((field,), groups, ()),)), {}, 0, lambda e: ())
+
+    matcher = run(lambda found: found.clear())
+    with pytest.raises(RuntimeError, match="changed"):
+        matcher({"categories": ["a", "c"]})
+    matcher = run(lambda found: found.__setitem__(0, "b"))
+    with pytest.raises(RuntimeError, match="changed"):
+        matcher({"categories": ["a"]})
+
+
+_M64 = (1 << 64) - 1
+
+
+def _unmix(h: int) -> int:
+    """The inverse of _fastmatch.c's mix() (before this fix, its text hash's finaliser)."""
+
+    def unshift(x: int) -> int:
+        return x ^ (x >> 33)  # its own inverse: 33 >= 64 / 2
+
+    h = unshift(h)
+    h = (h * pow(0xC4CEB9FE1A85EC53, -1, 1 << 64)) & _M64
+    h = unshift(h)
+    h = (h * pow(0xFF51AFD7ED558CCD, -1, 1 << 64)) & _M64
+    return unshift(h)
+
+
+def _same_hash_texts(pairs: int) -> list[str]:
+    """2**pairs latin-1 texts of one unkeyed-hash value: in each pair of 8-byte words, the
+    mixed words of one text differ from another's in their top bit only, which multiplying
+    by an odd number keeps to the top bit, and the second word takes it back."""
+    import random
+
+    rng = random.Random(7)
+    blocks = [(rng.getrandbits(64), rng.getrandbits(64)) for _ in range(pairs)]
+    top = 1 << 63
+    texts = []
+    for choice in range(1 << pairs):
+        words = []
+        for n, (a, b) in enumerate(blocks):
+            flip = top if choice >> n & 1 else 0
+            words += [_unmix(a ^ flip), _unmix(b ^ flip)]
+        data = b"".join(w.to_bytes(8, "little") for w in words)
+        texts.append(data.decode("latin-1"))
+    return texts
+
+
+def test_texts_from_outside_do_not_share_a_probe_chain() -> None:
+    # Categories, URLs and attrs come from senders: a hash they can compute lets them send
+    # texts that all fall in one chain, each new text walking all the others.
+    texts = _same_hash_texts(11)
+    matcher = _one_group(lambda e: ())
+    for start in range(0, len(texts), 64):
+        matcher({"categories": texts[start : start + 64]})
+    assert matcher.stats()["texts"] == len(texts)
+    assert matcher.stats()["probes"] < 10 * len(texts)
