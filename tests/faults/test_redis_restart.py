@@ -28,6 +28,7 @@ from tests.faults.support import (
     service_env,
     started,
     state_snapshot,
+    stored_offsets,
     stream_events,
     summarize_difference,
     wait_applied,
@@ -85,6 +86,14 @@ async def test_redis_restart_loses_nothing_and_nobody_waits(
         before_answers = await answers(lookup, probe)
         assert sum(1 for a in before_answers.values() if a) > 50
         before = await state_snapshot(redis_client, settings.redis.key_prefix)
+        # Kafka gets the offsets Redis holds at most DMP_KAFKA_COMMIT_INTERVAL_MS later
+        # (decision 0010): all of them, before the outage begins.
+        applied = {
+            p: o if o else -1 for p, o in (await stored_offsets(redis_client, settings)).items()
+        }
+        await wait_for(
+            lambda: _is(committed_offsets(settings), applied), 10, "Kafka offsets committed"
+        )
         kafka_committed = await committed_offsets(settings)
 
         await asyncio.to_thread(private_stack.redis.stop)
@@ -133,7 +142,7 @@ async def test_redis_restart_loses_nothing_and_nobody_waits(
     print(f"\n{len(first) + len(second)} events; Redis down {outage:.1f}s; nothing lost")
 
 
-async def _is(status: Any, wanted: str) -> bool:
+async def _is(status: Any, wanted: object) -> bool:
     return bool(await status == wanted)
 
 

@@ -12,11 +12,11 @@ from dataclasses import replace
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from dmp.config import Settings
 from dmp.keys import PartitionKeys
-from tests.integration.conftest import StartIngest
+from tests.faults.support import committed_offsets
+from tests.integration.conftest import RunningIngest, StartIngest
 from tests.integration.helpers import new_car_view, produce
 
 UIDS = [f"commit-{n}" for n in range(30)]
@@ -31,20 +31,6 @@ async def redis_offsets(client: aioredis.Redis, settings: Settings) -> dict[int,
     return out
 
 
-async def kafka_offsets(settings: Settings) -> dict[int, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
-    await admin.start()
-    try:
-        found = await admin.list_consumer_group_offsets(settings.kafka.group_id)
-    finally:
-        await admin.close()
-    return {
-        tp.partition: meta.offset
-        for tp, meta in found.items()
-        if tp.topic == settings.kafka.topic and meta.offset >= 0
-    }
-
-
 async def applied(client: aioredis.Redis, settings: Settings, total: int) -> dict[int, int]:
     for _ in range(1500):
         offsets = await redis_offsets(client, settings)
@@ -54,8 +40,20 @@ async def applied(client: aioredis.Redis, settings: Settings, total: int) -> dic
     raise AssertionError(f"Redis offsets never reached {total}")
 
 
-def with_interval(settings: Settings, ms: int) -> Settings:
-    return replace(settings, kafka=replace(settings.kafka, commit_interval_ms=ms))
+async def ingest_applied(
+    settings: Settings,
+    interval_ms: int,
+    start_ingest: StartIngest,
+    producer: AIOKafkaProducer,
+    redis_client: aioredis.Redis,
+) -> tuple[Settings, RunningIngest, dict[int, int]]:
+    """Ingest running with this commit interval, once Redis holds every event's offset:
+    (its settings, it, what Kafka should hold once committed: -1 where nothing was)."""
+    s = replace(settings, kafka=replace(settings.kafka, commit_interval_ms=interval_ms))
+    ingest = await start_ingest(s)
+    await produce(producer, s.kafka.topic, [new_car_view(uid, 1) for uid in UIDS])
+    in_redis = await applied(redis_client, s, len(UIDS))
+    return s, ingest, {p: o if o else -1 for p, o in in_redis.items()}
 
 
 async def test_offsets_reach_kafka_within_the_interval_while_running(
@@ -64,17 +62,14 @@ async def test_offsets_reach_kafka_within_the_interval_while_running(
     producer: AIOKafkaProducer,
     redis_client: aioredis.Redis,
 ) -> None:
-    s = with_interval(settings, 300)
-    ingest = await start_ingest(s)
-    await produce(producer, s.kafka.topic, [new_car_view(uid, 1) for uid in UIDS])
-    in_redis = await applied(redis_client, s, len(UIDS))
+    s, ingest, expected = await ingest_applied(settings, 300, start_ingest, producer, redis_client)
     seen: dict[int, int] = {}
     for _ in range(40):  # well within 0.3 s + a poll; 4 s of slack for a busy machine
-        seen = await kafka_offsets(s)
-        if seen == {p: o for p, o in in_redis.items() if o}:
+        seen = await committed_offsets(s)
+        if seen == expected:
             break
         await asyncio.sleep(0.1)
-    assert seen == {p: o for p, o in in_redis.items() if o}
+    assert seen == expected
     assert not ingest.task.done()
 
 
@@ -84,11 +79,10 @@ async def test_a_long_interval_commits_nothing_until_stop(
     producer: AIOKafkaProducer,
     redis_client: aioredis.Redis,
 ) -> None:
-    s = with_interval(settings, 3_600_000)
-    ingest = await start_ingest(s)
-    await produce(producer, s.kafka.topic, [new_car_view(uid, 1) for uid in UIDS])
-    in_redis = await applied(redis_client, s, len(UIDS))
+    s, ingest, expected = await ingest_applied(
+        settings, 3_600_000, start_ingest, producer, redis_client
+    )
     await asyncio.sleep(0.5)  # several polls: a commit per batch would have landed
-    assert await kafka_offsets(s) == {}
+    assert set((await committed_offsets(s)).values()) == {-1}
     await ingest.stop()
-    assert await kafka_offsets(s) == {p: o for p, o in in_redis.items() if o}
+    assert await committed_offsets(s) == expected
