@@ -11,10 +11,11 @@ Two things make its keys repeat more than the Python memos' (so fewer misses):
   of one value (a list passes when any element passes: ``equals``, ``in``, ``under``,
   ``prefix`` ...) is remembered per element; a list's answer is the union of its
   elements'. A page view's 1-3 categories make ever-new lists of few categories.
-- **URL cut to what the tests can tell apart.** An http(s) URL read only by host, path
-  prefix, prefix, exists and missing tests keeps, past the host's '/', as much of the path
-  as some ``path_prefix`` value shares with it (and of the text as some ``prefix`` value
-  shares): ``/item-17`` and ``/item-18`` are one key when no path prefix starts ``/i``.
+- **URL cut to what the tests can tell apart.** An http(s) URL in a field some host or
+  path prefix test reads, and otherwise only prefix, exists and missing tests, keeps, past
+  the host's '/', as much of the path as some ``path_prefix`` value shares with it (and of
+  the text as some ``prefix`` value shares): ``/item-17`` and ``/item-18`` are one key
+  when no path prefix starts ``/i``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ _EXISTENTIAL = frozenset(
     }
 )
 _CUTTABLE = frozenset({"host", "host_suffix", "path_prefix", "prefix", "exists", "missing"})
+# Only a field some test reads as a URL is cut: text that is not an http(s) URL goes to the
+# generated Python, which a field read only by prefix, exists or missing tests (a search
+# query, a list of categories) would then take for every value.
+_URL_TESTS = frozenset({"host", "host_suffix", "path_prefix"})
 
 
 def available() -> bool:
@@ -90,7 +95,7 @@ def elementwise(
 
 def _field_spec(path: tuple[str, ...], tests: Sequence[FieldTest]) -> tuple[Any, ...]:
     reading = [t for t in tests if t.path == path]
-    url = bool(reading) and all(t.op in _CUTTABLE for t in reading)
+    url = any(t.op in _URL_TESTS for t in reading) and all(t.op in _CUTTABLE for t in reading)
     path_prefixes = tuple(sorted({str(t.value) for t in reading if t.op == "path_prefix"}))
     text_prefixes = tuple(sorted({str(t.value) for t in reading if t.op == "prefix"}))
     keys = tuple(sys.intern(k) for k in path)

@@ -398,3 +398,23 @@ def test_texts_from_outside_do_not_share_a_probe_chain() -> None:
         matcher({"categories": texts[start : start + 64]})
     assert matcher.stats()["texts"] == len(texts)
     assert matcher.stats()["probes"] < 10 * len(texts)
+
+
+def test_fields_no_test_reads_as_a_url_are_kept_whole() -> None:
+    # Read only by prefix, exists or missing: no URL cut, so text that is not an http(s)
+    # URL (a query, categories) is answered from the tables, not by the generated Python.
+    built = build(
+        [
+            "{field: attrs.q, prefix: buy}",
+            "{field: categories, prefix: trav}",
+            "{field: geo.zip, exists: true}",
+            "{field: geo.metro, missing: true}",
+        ]
+    )
+    events: list[dict[str, Any]] = [
+        {"type": "search", "attrs": {"q": "buy shoes"}, "geo": {"zip": "90210"}},
+        {"attrs": {"q": "sell"}, "categories": ["travel/air", "news"], "geo": {"metro": "803"}},
+        {"categories": "travel", "attrs": {"q": "https://a.example/x"}},
+    ]
+    check(built, events)
+    assert stats(built)["fallbacks"] == 0
