@@ -1,7 +1,7 @@
 """Only the C extension; everything else about the package is in pyproject.toml.
 
 segment_rules._fastmatch is the compiled all-hits path of rule matching
-(segment_rules/fast_match.py, docs/decisions/0010). Without it the generated Python
+(segment_rules/fast_match.py, docs/decisions/0011). Without it the generated Python
 matcher answers alone, slower.
 """
 

@@ -4,7 +4,7 @@
  * The Python side (segment_rules/fast_match.py) describes, per event type, the fields the
  * tests read and the groups of tests reading the same fields; this object answers an event
  * from remembered group answers. Why C: in Python, reading the fields, building the keys and
- * one dictionary look-up per group cost more than decoding the event (decision 0006, 0010).
+ * one dictionary look-up per group cost more than decoding the event (decisions 0006, 0011).
  *
  * Every value a key is made of becomes a small integer id:
  *   - a text value through a table of the texts seen (hashed here over the raw characters,
@@ -126,7 +126,7 @@ typedef struct {
     uint32_t next_id;
     uint32_t limit;
     int busy;
-    /* counters, for tests and the benchmark */
+    /* counters, for tests (stats()) */
     unsigned long long hits, fills, fallbacks, clears;
     unsigned long long probes; /* text slots stepped over: stays near the texts' count */
 } Matcher;

@@ -4,7 +4,7 @@ The C object answers an event from remembered answers per group of tests (the gr
 segment_rules.event_index: one event type's tests, split by the fields they read), with
 each value of a key turned into a small integer once. It falls back to the generated
 Python for anything it does not keep (numbers, true/false, objects, odd URLs), and calls a
-group's own indexed matcher for a key it has not seen yet. Decision 0010 has the numbers.
+group's own indexed matcher for a key it has not seen yet. Decision 0011 has the numbers.
 
 Two things make its keys repeat more than the Python memos' (so fewer misses):
 - **Elementwise groups.** A group reading one field whose every test is a positive test
