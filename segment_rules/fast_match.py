@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from segment_rules.event_memo import Matched
 from segment_rules.event_tests import Event
 from segment_rules.model import AnyOf, FieldTest, Predicate
 
@@ -38,7 +39,6 @@ except ImportError:  # not built (pip install -e . builds it): the generated Pyt
 
 __all__ = ["DISABLE_ENV", "FAST_LIMIT", "Matcher", "available", "elementwise", "fast_matcher"]
 
-Matched = tuple[str, ...]
 # Ids (texts, list cells, group keys) before everything is dropped and learnt again:
 # about 60 bytes an id, so ~64 MB at the limit.
 FAST_LIMIT = 1 << 20
