@@ -23,7 +23,7 @@ class KafkaSettings:
     max_batch: int = 5000
     poll_timeout_ms: int = 100
     # Kafka's committed offsets are informational (Redis holds the truth): committed at most
-    # this often, all partitions in one request, and at stop or revocation (0: every batch).
+    # this often, all partitions in one request, and at stop or revocation (0: every poll).
     commit_interval_ms: int = 1000
     # Larger than the broker's default so an oversized event reaches us and is dead-lettered.
     fetch_max_bytes: int = 8 * 1024 * 1024
