@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 try:
     from segment_rules._fastmatch import Matcher
 except ImportError:  # not built (pip install -e . builds it): the generated Python answers
-    Matcher = None  # type: ignore[assignment,misc]
+    Matcher = None  # type: ignore[assignment,misc]  # a class when built, else None
 
 __all__ = ["DISABLE_ENV", "FAST_LIMIT", "Matcher", "available", "elementwise", "fast_matcher"]
 
