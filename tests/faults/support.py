@@ -260,6 +260,11 @@ async def stored_offsets(client: aioredis.Redis, settings: Settings) -> dict[int
     return {p: int(raw) if raw is not None else 0 for p, raw in enumerate(raws)}
 
 
+def as_committed(offsets: dict[int, int]) -> dict[int, int]:
+    """Offsets Redis holds, as Kafka reports them once committed (-1: nothing committed)."""
+    return {p: o if o else -1 for p, o in offsets.items()}
+
+
 async def wait_applied(
     client: aioredis.Redis, settings: Settings, total: int, timeout: float = 120
 ) -> None:

@@ -22,6 +22,7 @@ from segment_rules import CompiledRules, load_rules_file
 from tests.faults.conftest import PrivateStack, run_as_other, scaled
 from tests.faults.support import (
     Process,
+    as_committed,
     committed_offsets,
     ingest_until,
     produce,
@@ -88,9 +89,7 @@ async def test_redis_restart_loses_nothing_and_nobody_waits(
         before = await state_snapshot(redis_client, settings.redis.key_prefix)
         # Kafka gets the offsets Redis holds at most DMP_KAFKA_COMMIT_INTERVAL_MS later
         # (decision 0010): all of them, before the outage begins.
-        applied = {
-            p: o if o else -1 for p, o in (await stored_offsets(redis_client, settings)).items()
-        }
+        applied = as_committed(await stored_offsets(redis_client, settings))
         await wait_for(
             lambda: _is(committed_offsets(settings), applied), 10, "Kafka offsets committed"
         )

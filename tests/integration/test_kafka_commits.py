@@ -14,30 +14,11 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from dmp.config import Settings
-from dmp.keys import PartitionKeys
-from tests.faults.support import committed_offsets
+from tests.faults.support import as_committed, committed_offsets, stored_offsets, wait_applied
 from tests.integration.conftest import RunningIngest, StartIngest
 from tests.integration.helpers import new_car_view, produce
 
 UIDS = [f"commit-{n}" for n in range(30)]
-
-
-async def redis_offsets(client: aioredis.Redis, settings: Settings) -> dict[int, int]:
-    out = {}
-    for p in range(settings.kafka.partitions):
-        keys = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, p)
-        raw = await client.get(keys.offset)
-        out[p] = int(raw) if raw is not None else 0
-    return out
-
-
-async def applied(client: aioredis.Redis, settings: Settings, total: int) -> dict[int, int]:
-    for _ in range(1500):
-        offsets = await redis_offsets(client, settings)
-        if sum(offsets.values()) >= total:
-            return offsets
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"Redis offsets never reached {total}")
 
 
 async def ingest_applied(
@@ -52,8 +33,8 @@ async def ingest_applied(
     s = replace(settings, kafka=replace(settings.kafka, commit_interval_ms=interval_ms))
     ingest = await start_ingest(s)
     await produce(producer, s.kafka.topic, [new_car_view(uid, 1) for uid in UIDS])
-    in_redis = await applied(redis_client, s, len(UIDS))
-    return s, ingest, {p: o if o else -1 for p, o in in_redis.items()}
+    await wait_applied(redis_client, s, len(UIDS), timeout=30)
+    return s, ingest, as_committed(await stored_offsets(redis_client, s))
 
 
 async def test_offsets_reach_kafka_within_the_interval_while_running(
