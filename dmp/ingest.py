@@ -373,6 +373,10 @@ class IngestService:
             await consumer.commit(offsets)
         except KafkaError as exc:  # informational (lag): Redis already holds the offsets
             log.warning("Kafka offset commit failed (%s); Redis has the offsets", exc)
+            # Tried again next interval (unless a later batch's offset replaced it), so a
+            # partition that goes quiet does not show stale lag for good.
+            for tp, offset in offsets.items():
+                self._uncommitted.setdefault(tp, offset)
 
     async def _sweep_due(self, busy: set[TopicPartition]) -> None:
         """Re-evaluate cookies whose windows or TTLs lapse now, with no new event for them."""

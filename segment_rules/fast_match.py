@@ -20,7 +20,6 @@ Two things make its keys repeat more than the Python memos' (so fewer misses):
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -37,13 +36,11 @@ try:
 except ImportError:  # not built (pip install -e . builds it): the generated Python answers
     Matcher = None  # type: ignore[assignment,misc]  # a class when built, else None
 
-__all__ = ["DISABLE_ENV", "FAST_LIMIT", "Matcher", "available", "elementwise", "fast_matcher"]
+__all__ = ["FAST_LIMIT", "Matcher", "available", "elementwise", "fast_matcher"]
 
 # Ids (texts, list cells, group keys) before everything is dropped and learnt again:
 # about 60 bytes an id, so ~64 MB at the limit.
 FAST_LIMIT = 1 << 20
-# Set to 1 to run the generated Python alone (comparisons, and a way out if ever needed).
-DISABLE_ENV = "DMP_PURE_PYTHON_MATCH"
 # Tests that hold on a list when any element passes, and on a value as on [value].
 _EXISTENTIAL = frozenset(
     {
@@ -73,7 +70,7 @@ _URL_TESTS = frozenset({"host", "host_suffix", "path_prefix"})
 
 
 def available() -> bool:
-    return Matcher is not None and os.environ.get(DISABLE_ENV) != "1"
+    return Matcher is not None
 
 
 def _existential(pred: Predicate, path: tuple[str, ...]) -> bool:
