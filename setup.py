@@ -1,10 +1,17 @@
-"""Only the C extension; everything else about the package is in pyproject.toml.
+"""Only the C extensions; everything else about the package is in pyproject.toml.
 
-segment_rules._fastmatch is the compiled all-hits path of rule matching
-(segment_rules/fast_match.py, docs/decisions/0011). Without it the generated Python
-matcher answers alone, slower.
+- segment_rules._fastmatch: the compiled all-hits path of rule matching
+  (segment_rules/fast_match.py, docs/decisions/0011). Without it the generated Python
+  matcher answers alone, slower.
+- dmp._answers: the lookup's cache-miss path (dmp/answer_build.py, docs/decisions/0012).
+  Without it dmp/replica.py's Python answers alone, slower.
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("segment_rules._fastmatch", ["segment_rules/_fastmatch.c"])])
+setup(
+    ext_modules=[
+        Extension("segment_rules._fastmatch", ["segment_rules/_fastmatch.c"]),
+        Extension("dmp._answers", ["dmp/_answers.c"]),
+    ]
+)

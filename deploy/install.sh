@@ -56,15 +56,16 @@ install_python() {
         "$DMP_PYTHON" -m venv --clear "$DMP_VENV"
     fi
     local want have=""
-    # The C extension (setup.py, segment_rules/_fastmatch.c) is built by the same install.
-    want=$(cat "$DMP_ROOT/pyproject.toml" "$DMP_ROOT/setup.py" "$DMP_ROOT/segment_rules/_fastmatch.c" |
-        sha256sum | cut -d' ' -f1)
+    # The C extensions (setup.py: segment_rules/_fastmatch.c, dmp/_answers.c) are built by
+    # the same install.
+    want=$(cat "$DMP_ROOT/pyproject.toml" "$DMP_ROOT/setup.py" "$DMP_ROOT/segment_rules/_fastmatch.c" \
+        "$DMP_ROOT/dmp/_answers.c" | sha256sum | cut -d' ' -f1)
     [[ -f $stamp ]] && have=$(<"$stamp")
     if [[ $want == "$have" ]]; then
-        log "python: $DMP_VENV up to date with pyproject.toml and the C extension"
+        log "python: $DMP_VENV up to date with pyproject.toml and the C extensions"
         return
     fi
-    # The rule matcher's C extension: a compiler, and the interpreter's headers (Debian's
+    # The C extensions: a compiler, and the interpreter's headers (Debian's
     # python3 keeps them in python3-dev; pyenv and python.org builds ship them).
     install_binary gcc gcc libc6-dev
     if ! "$py" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then

@@ -11,7 +11,7 @@ import hmac
 
 from aiohttp import web
 
-from bidder_adapter.app_keys import PARTNERS
+from bidder_adapter.partner_registry import PartnerRegistry
 from bidder_adapter.profiles import PartnerProfile, hash_api_key
 from dmp.config import Settings
 from dmp.limits import limit_error, presented_key
@@ -33,10 +33,12 @@ def admin_refusal(request: web.Request, settings: Settings) -> web.Response | No
 
 
 def lookup_caller(
-    request: web.Request, settings: Settings
+    request: web.Request, settings: Settings, partners: PartnerRegistry | None
 ) -> tuple[str | None, PartnerProfile | None]:
     """For GET /v1/users/{uid}/segments: ("admin" | "partner" | "open", profile), or
-    (None, None) when DMP_SECURITY_LOOKUP_AUTH=key and no valid key came."""
+    (None, None) when DMP_SECURITY_LOOKUP_AUTH=key and no valid key came.
+
+    ``partners``: the app's registry, or None without partner routes."""
     if settings.security.lookup_auth != "key":
         return "open", None
     key = presented_key(request)
@@ -45,8 +47,8 @@ def lookup_caller(
     wanted = settings.partner.admin_key_sha256.lower()
     if wanted and hmac.compare_digest(hash_api_key(key), wanted):
         return ADMIN, None
-    if PARTNERS in request.app:
-        profile = request.app[PARTNERS].current.profiles.by_api_key(key)
+    if partners is not None:
+        profile = partners.current.profiles.by_api_key(key)
         if profile is not None:
             return "partner", profile
     return None, None

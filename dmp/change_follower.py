@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,8 +56,10 @@ class ChangeFollower:
         topic: str,
         block_ms: int,
         snapshot_interval: float = 0.0,
+        on_loaded: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
+        self.on_loaded = on_loaded  # run once the first load is done, before ready
         self.replica = replica
         self.metrics = metrics
         self.prefix = prefix
@@ -92,6 +95,8 @@ class ChangeFollower:
         for partition in await self._partitions():
             await self.load_partition(PartitionKeys(self.prefix, self.topic, partition))
         self._update_gauges(force=True)
+        if self.on_loaded is not None:
+            self.on_loaded()
         self.ready.set()
         self.metrics.ready.set(1)
         log.info(

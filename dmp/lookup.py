@@ -7,18 +7,21 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import orjson
 from aiohttp import web
 
-from bidder_adapter.app_keys import MATCH_FOLLOWER
+from bidder_adapter.app_keys import MATCH_FOLLOWER, PARTNERS
 from bidder_adapter.routes import setup_partner_routes
 from dmp.auth import lookup_caller
 from dmp.auth_admin_routes import setup_admin_routes
 from dmp.change_follower import ChangeFollower
 from dmp.config import Settings
+from dmp.gc_tuning import collect_after_load
+from dmp.hot_route import Handler, uid_of
 from dmp.limits import request_limits
 from dmp.match_table_follower import MatchTableFollower
 from dmp.metrics import CONTENT_TYPE, LookupMetrics
-from dmp.observed_routes import ObservedRoutes, json_error, json_response
+from dmp.observed_routes import ObservedRoutes, SyncHandler, json_error, json_response
 from dmp.privacy_follow import SUPPRESSION, SuppressionFollower
 from dmp.privacy_routes import PRIVACY_FOLLOWER, setup_privacy
 from dmp.redis_client import connect
@@ -38,6 +41,8 @@ REPLICA = web.AppKey("replica", Replica)
 FOLLOWER = web.AppKey("follower", ChangeFollower)
 # Add routes through this (handlers observed), not app.router: dmp/observed_routes.py.
 ROUTES = web.AppKey("routes", ObservedRoutes)
+# GET /v1/users/{uid}/segments as observed, for the runner's dispatch (dmp/hot_route.py).
+HOT_ROUTE: web.AppKey[Handler] = web.AppKey("hot_route")
 
 
 def create_lookup_app(
@@ -57,7 +62,8 @@ def create_lookup_app(
         shard=parse_shard(settings.lookup.shard, settings.kafka.partitions),
     )
     app.cleanup_ctx.append(_follow_changes)
-    routes.add_get("/v1/users/{uid}/segments", user_segments)
+    hot = routes.add_get("/v1/users/{uid}/segments", user_segments_handler(app))
+    app[HOT_ROUTE] = hot.handler
     routes.add_get("/healthz", healthz)
     routes.add_get("/readyz", readyz)
     routes.add_get("/metrics", metrics_endpoint)
@@ -79,6 +85,7 @@ async def _follow_changes(app: web.Application) -> AsyncIterator[None]:
         topic=settings.kafka.topic,
         block_ms=settings.lookup.follow_block_ms,
         snapshot_interval=settings.lookup.snapshot_interval_seconds,
+        on_loaded=collect_after_load,
     )
     app[FOLLOWER] = follower
     stop = asyncio.Event()
@@ -130,20 +137,39 @@ async def _follow_changes(app: web.Application) -> AsyncIterator[None]:
         await client.aclose()
 
 
-async def user_segments(request: web.Request) -> web.Response:
-    uid = request.match_info["uid"]
-    if not uid or len(uid) > MAX_UID_LENGTH:
-        return json_error(400, f"uid must be 1 to {MAX_UID_LENGTH} characters")
-    caller, profile = lookup_caller(request, request.app[SETTINGS])
-    if caller is None:
-        return json_error(401, "missing or unknown API key (Authorization: Bearer <key>)")
-    if request.app[SUPPRESSION].blocks(uid):
-        segments: list[str] = []  # opted out or erased (or the list is still loading)
-    else:
-        segments = request.app[REPLICA].segments(uid)
-    if profile is not None:
-        segments = [s for s in segments if s in profile.granted_segments]
-    return json_response({"uid": uid, "segments": segments})
+def user_segments_handler(app: web.Application) -> SyncHandler:
+    """GET /v1/users/{uid}/segments, bound to ``app``'s objects.
+
+    Served before the router too (dmp/hot_route.py), so it reads neither ``request.app``
+    nor ``request.match_info``. The body is the replica's cached JSON document: the same
+    bytes ``orjson`` makes of ``{"uid": ..., "segments": [...]}``.
+    """
+    settings, replica = app[SETTINGS], app[REPLICA]
+    keyed = settings.security.lookup_auth == "key"
+
+    def user_segments(request: web.Request) -> web.Response:
+        # The path has the route's shape (the router or dispatch checked): the uid is the
+        # middle, decoded as match_info would have it (a %2F in it is a '/').
+        uid = uid_of(request.path)
+        if len(uid) > MAX_UID_LENGTH:
+            return json_error(400, f"uid must be 1 to {MAX_UID_LENGTH} characters")
+        profile = None
+        if keyed:
+            caller, profile = lookup_caller(request, settings, app.get(PARTNERS))
+            if caller is None:
+                return json_error(401, "missing or unknown API key (Authorization: Bearer <key>)")
+        if app[SUPPRESSION].blocks(uid):
+            # Opted out or erased (or the list is still loading).
+            body = orjson.dumps({"uid": uid, "segments": []})
+        elif profile is None:
+            body = replica.document(uid)
+        else:
+            granted = profile.granted_segments
+            segments = [s for s in replica.segments(uid) if s in granted]
+            body = orjson.dumps({"uid": uid, "segments": segments})
+        return web.Response(body=body, content_type="application/json")
+
+    return user_segments
 
 
 async def healthz(request: web.Request) -> web.Response:

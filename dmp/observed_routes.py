@@ -11,12 +11,13 @@ metrics (label `unmatched`, never the raw path) without a middleware.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 from aiohttp import web
@@ -34,6 +35,8 @@ from dmp.shards import MISDIRECTED, SHARD_HEADER, Misdirected
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A handler that never waits (the bid-time lookup): called without a coroutine of its own.
+SyncHandler = Callable[[web.Request], web.StreamResponse]
 Refusal = Callable[[web.Request], web.Response | None]
 UNMATCHED = "unmatched"
 _CATCH_ALL = "/{unmatched_path:.*}"
@@ -78,14 +81,16 @@ class ObservedRoutes:
         # The resource answering unknown paths: not an API route (the OpenAPI test skips it).
         self.catch_all = catch_all.resource
 
-    def add_get(self, path: str, handler: Handler) -> web.AbstractRoute:
+    def add_get(self, path: str, handler: Handler | SyncHandler) -> web.AbstractRoute:
         return self._router.add_get(path, self.observe(path, handler))
 
     def add_post(self, path: str, handler: Handler) -> web.AbstractRoute:
         return self._router.add_post(path, self.observe(path, handler))
 
-    def observe(self, endpoint: str, handler: Handler) -> Handler:
+    def observe(self, endpoint: str, handler: Handler | SyncHandler) -> Handler:
         """`handler` with the bookkeeping around it; `endpoint` is its metric label."""
+        waits = inspect.iscoroutinefunction(handler)
+        async_handler, sync_handler = cast(Handler, handler), cast(SyncHandler, handler)
         metrics, refusal, children = self._metrics, self._refusal, self._children
         prefix, counter, in_flight = self._prefix, self._counter, self._in_flight
         shared_gauge = self._shared_gauge
@@ -97,12 +102,20 @@ class ObservedRoutes:
                 metrics.in_flight.inc()
             else:
                 in_flight[0] += 1
+            # A partner route relabels it; read back without Mapping.get's KeyError path.
+            request[PARTNER_LABEL] = NO_PARTNER
             header = request.headers.get(REQUEST_ID_HEADER)
             token = set_request_id(request_id(header) if header else f"{prefix}-{next(counter)}")
             status = 500
             outcome = None
             try:
-                response = refusal(request) or await handler(request)
+                refused = refusal(request)
+                if refused is not None:
+                    response: web.StreamResponse = refused
+                elif waits:
+                    response = await async_handler(request)
+                else:
+                    response = sync_handler(request)
                 status = response.status
                 outcome = response.headers.get(OUTCOME_HEADER)
                 return response
@@ -123,7 +136,7 @@ class ObservedRoutes:
                     metrics.in_flight.dec()
                 else:
                     in_flight[0] -= 1
-                partner = request.get(PARTNER_LABEL, NO_PARTNER)
+                partner = request[PARTNER_LABEL]
                 key = (endpoint, status, partner)
                 child = children.get(key)
                 if child is None:

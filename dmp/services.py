@@ -12,9 +12,10 @@ import time
 from aiohttp import web
 
 from dmp.config import Settings
+from dmp.hot_route import serve_first
 from dmp.ingest import IngestService
 from dmp.limits import PARSER_LIMITS
-from dmp.lookup import create_lookup_app
+from dmp.lookup import HOT_ROUTE, create_lookup_app
 from dmp.metrics import CONTENT_TYPE, IngestMetrics, mark_worker_dead, prepare_multiproc_dir
 from dmp.redis_client import connect
 from segment_rules import CompiledRules
@@ -88,6 +89,9 @@ async def serve_lookup(settings: Settings, rules: CompiledRules, *, worker: bool
     )
     try:
         await runner.setup()
+        assert runner.server is not None  # set up just now
+        # The bid-time route before the router (dmp/hot_route.py, docs/decisions/0012).
+        serve_first(runner.server, runner.app[HOT_ROUTE])
         site = web.TCPSite(
             runner, settings.lookup.host, settings.lookup.port, reuse_port=worker or None
         )

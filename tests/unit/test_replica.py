@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dmp import replica as replica_module
 from dmp.ids import position, uid_hash
 from dmp.replica import IdIndex, Replica
 from segment_rules import CompiledRules, parse_rules
@@ -47,6 +49,8 @@ def test_ids_read_twice_count_once() -> None:
     replica.add_ids(pairs)
     replica.add("a", [position(0, 1)])
     assert replica.segments("u1") == ["a", "a_not_b"]
+    assert "u1" not in replica._cache  # cached on its second miss
+    assert replica.segments("u1") == ["a", "a_not_b"]
     replica.add_ids(pairs[1:3])
     assert replica.cookie_count == 5
     assert "u1" in replica._cache
@@ -61,6 +65,7 @@ def test_a_full_cache_drops_its_oldest_part_and_stays_exact() -> None:
     replica.add("a", [position(0, n) for n in range(0, 300, 2)])
     for uid in uids:
         replica.segments(uid)
+        replica.segments(uid)  # the second miss caches it
     assert len(replica._cache) <= 128
     assert len(replica._cached_uid) == len(replica._cache)  # no stale reverse entries
     assert "u299" in replica._cache  # the newest stays
@@ -100,3 +105,31 @@ def test_indexed_composites_agree_with_full_evaluation(base: set[str]) -> None:
     active_base = [s for s in sorted(base) if s != "c"]
     expected = rules.with_composites(active_base) if active_base else []
     assert replica.segments("x") == expected
+
+
+def test_an_answer_is_cached_on_its_second_miss_and_the_first_misses_are_bounded() -> None:
+    replica = Replica(CompiledRules(parse_rules(RULES)), cache_size=64)
+    uids = [f"u{n}" for n in range(200)]
+    replica.add_ids([(position(0, n), uid_hash(uid)) for n, uid in enumerate(uids)])
+    replica.add("a", [position(0, n) for n in range(200)])
+    for uid in uids:  # one-off cookies: answered, never cached
+        assert replica.segments(uid) == ["a", "a_not_b"]
+    assert not replica._cache
+    assert len(replica._seen_once) <= 64  # the oldest first misses are forgotten
+    assert replica.segments("u199") == ["a", "a_not_b"]  # seen lately: now cached
+    assert "u199" in replica._cache
+    assert position(0, 199) not in replica._seen_once
+    assert replica.segments("u0") == ["a", "a_not_b"]  # forgotten: a first miss again
+    assert "u0" not in replica._cache
+
+
+def test_new_ids_are_merged_into_the_sorted_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replica_module, "OVERLAY_MERGE_AT", 3)
+    ids = IdIndex()
+    for n in range(10):
+        ids.add(uid_hash(f"u{n}"), n)
+    assert len(ids._overlay) < 3  # merged as it filled, not left to grow
+    assert len(ids) == 10
+    assert [ids.get(uid_hash(f"u{n}")) for n in range(10)] == list(range(10))
+    ids.add(uid_hash("u3"), 42)  # a later position for a known hash wins
+    assert ids.get(uid_hash("u3")) == 42

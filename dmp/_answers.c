@@ -1,0 +1,473 @@
+/* The bid-time lookup's cache-miss path in C (dmp/answer_build.py, docs/decisions/0012).
+ *
+ * AnswerBuilder: one rule version's answer shape. ``build`` reads a cookie's run of the
+ * replica's user-major index (decision 0002) from a pyroaring iterator, maps slots to
+ * ranks, adds the composites the ranks satisfy (a small stack program, in dependency
+ * order), sorts, and returns the names both as a tuple and as the JSON array the lookup
+ * sends. The Python in dmp/replica.py does the same and stays as the fallback; a property
+ * test holds the two equal.
+ *
+ * find_position: the id index's binary search (numpy arrays of uint64, by buffer), so a
+ * miss does not pay numpy's per-call overhead twice.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define INACTIVE (1u << 30)
+#define MAX_SLOTS 4096
+
+enum { OP_REF = 0, OP_FALSE = 1, OP_NOT = 2, OP_AND = 3, OP_OR = 4, OP_SET = 5 };
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t n;          /* ranks: segments of the rule file */
+    PyObject **names;      /* str per rank, strong references */
+    PyObject **encoded;    /* bytes per rank: the name as a JSON string, strong references */
+    int32_t *program;
+    Py_ssize_t program_len;
+    int32_t *stack;        /* program stack, sized by the check at construction */
+    uint32_t *ranks;       /* scratch: the answer's ranks (base + composites) */
+    Py_ssize_t ranks_cap;
+    uint8_t *held;         /* scratch: one byte per rank, cleared after every build */
+    int busy;              /* re-entry guard: the iterator could run Python */
+} AnswerPlan;
+
+static void plan_free_arrays(AnswerPlan *self) {
+    if (self->names != NULL) {
+        for (Py_ssize_t i = 0; i < self->n; i++) Py_XDECREF(self->names[i]);
+        PyMem_Free(self->names);
+        self->names = NULL;
+    }
+    if (self->encoded != NULL) {
+        for (Py_ssize_t i = 0; i < self->n; i++) Py_XDECREF(self->encoded[i]);
+        PyMem_Free(self->encoded);
+        self->encoded = NULL;
+    }
+    PyMem_Free(self->program);
+    self->program = NULL;
+    PyMem_Free(self->stack);
+    self->stack = NULL;
+    PyMem_Free(self->ranks);
+    self->ranks = NULL;
+    PyMem_Free(self->held);
+    self->held = NULL;
+    self->n = 0;
+}
+
+static void plan_dealloc(AnswerPlan *self) {
+    plan_free_arrays(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Checks every operand and the stack depth once, so build() runs the program unchecked. */
+static int check_program(const int32_t *prog, Py_ssize_t len, Py_ssize_t n, Py_ssize_t *depth) {
+    Py_ssize_t sp = 0, max = 0;
+    for (Py_ssize_t pc = 0; pc < len; pc++) {
+        int32_t op = prog[pc];
+        int32_t arg = 0;
+        if (op == OP_REF || op == OP_AND || op == OP_OR || op == OP_SET) {
+            if (pc + 1 >= len) goto bad;
+            arg = prog[++pc];
+        }
+        switch (op) {
+        case OP_REF:
+            if (arg < 0 || arg >= n) goto bad;
+            sp++;
+            break;
+        case OP_FALSE:
+            sp++;
+            break;
+        case OP_NOT:
+            if (sp < 1) goto bad;
+            break;
+        case OP_AND:
+        case OP_OR:
+            if (arg < 0 || arg > sp) goto bad;
+            sp = sp - arg + 1;
+            break;
+        case OP_SET:
+            if (arg < 0 || arg >= n || sp != 1) goto bad;
+            sp = 0;
+            break;
+        default:
+            goto bad;
+        }
+        if (sp > max) max = sp;
+    }
+    if (sp != 0) goto bad;
+    *depth = max;
+    return 0;
+bad:
+    PyErr_SetString(PyExc_ValueError, "malformed composite program");
+    return -1;
+}
+
+static int plan_init(AnswerPlan *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"names", "encoded", "program", NULL};
+    PyObject *names, *encoded;
+    Py_buffer prog;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOy*", kwlist, &names, &encoded, &prog))
+        return -1;
+    if (self->busy) {
+        PyBuffer_Release(&prog);
+        PyErr_SetString(PyExc_RuntimeError, "AnswerBuilder re-initialised while building");
+        return -1;
+    }
+    plan_free_arrays(self);
+    int ok = -1;
+    PyObject *names_seq = PySequence_Fast(names, "names must be a sequence");
+    PyObject *enc_seq = names_seq ? PySequence_Fast(encoded, "encoded must be a sequence") : NULL;
+    if (enc_seq == NULL) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(names_seq);
+    if (PySequence_Fast_GET_SIZE(enc_seq) != n) {
+        PyErr_SetString(PyExc_ValueError, "names and encoded differ in length");
+        goto done;
+    }
+    if (n >= (Py_ssize_t)INACTIVE) {
+        PyErr_SetString(PyExc_ValueError, "too many segments");
+        goto done;
+    }
+    if (prog.len % (Py_ssize_t)sizeof(int32_t) != 0) {
+        PyErr_SetString(PyExc_ValueError, "program must be int32 values");
+        goto done;
+    }
+    Py_ssize_t plen = prog.len / (Py_ssize_t)sizeof(int32_t);
+    self->names = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
+    self->encoded = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
+    self->program = PyMem_Malloc(((size_t)plen + 1) * sizeof(int32_t));
+    self->ranks_cap = MAX_SLOTS + n;
+    self->ranks = PyMem_Malloc((size_t)self->ranks_cap * sizeof(uint32_t));
+    self->held = PyMem_Calloc((size_t)n + 1, 1);
+    if (!self->names || !self->encoded || !self->program || !self->ranks || !self->held) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    self->n = n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PySequence_Fast_GET_ITEM(names_seq, i);
+        PyObject *enc = PySequence_Fast_GET_ITEM(enc_seq, i);
+        if (!PyUnicode_Check(name) || !PyBytes_Check(enc)) {
+            PyErr_SetString(PyExc_TypeError, "names are str and encoded are bytes");
+            goto done;
+        }
+        Py_INCREF(name);
+        self->names[i] = name;
+        Py_INCREF(enc);
+        self->encoded[i] = enc;
+    }
+    if (plen) memcpy(self->program, prog.buf, (size_t)plen * sizeof(int32_t));
+    self->program_len = plen;
+    Py_ssize_t depth = 0;
+    if (check_program(self->program, plen, n, &depth) < 0) goto done;
+    self->stack = PyMem_Malloc(((size_t)depth + 1) * sizeof(int32_t));
+    if (self->stack == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ok = 0;
+done:
+    if (ok < 0) plan_free_arrays(self);
+    Py_XDECREF(names_seq);
+    Py_XDECREF(enc_seq);
+    PyBuffer_Release(&prog);
+    return ok;
+}
+
+static Py_ssize_t run_program(AnswerPlan *self, Py_ssize_t count) {
+    const int32_t *prog = self->program;
+    int32_t *stack = self->stack;
+    uint8_t *held = self->held;
+    Py_ssize_t sp = 0;
+    for (Py_ssize_t pc = 0; pc < self->program_len; pc++) {
+        switch (prog[pc]) {
+        case OP_REF:
+            stack[sp++] = held[prog[++pc]];
+            break;
+        case OP_FALSE:
+            stack[sp++] = 0;
+            break;
+        case OP_NOT:
+            stack[sp - 1] = !stack[sp - 1];
+            break;
+        case OP_AND:
+        case OP_OR: {
+            int all = prog[pc] == OP_AND;
+            int32_t k = prog[++pc];
+            int32_t result = all ? 1 : 0;
+            for (int32_t i = 0; i < k; i++) {
+                int32_t v = stack[sp - 1 - i];
+                result = all ? (result && v) : (result || v);
+            }
+            sp -= k;
+            stack[sp++] = result;
+            break;
+        }
+        case OP_SET: {
+            int32_t rank = prog[++pc];
+            if (stack[--sp] && !held[rank]) {
+                held[rank] = 1;
+                self->ranks[count++] = (uint32_t)rank;
+            }
+            break;
+        }
+        }
+    }
+    return count;
+}
+
+static int cmp_u32(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+static void sort_ranks(uint32_t *r, Py_ssize_t count) {
+    if (count > 64) {
+        qsort(r, (size_t)count, sizeof(uint32_t), cmp_u32);
+        return;
+    }
+    for (Py_ssize_t i = 1; i < count; i++) {
+        uint32_t v = r[i];
+        Py_ssize_t j = i;
+        while (j > 0 && r[j - 1] > v) {
+            r[j] = r[j - 1];
+            j--;
+        }
+        r[j] = v;
+    }
+}
+
+/* build(values, start, slot_ranks) -> (names, json): see the module comment. */
+static PyObject *plan_build(AnswerPlan *self, PyObject *args) {
+    PyObject *values;
+    unsigned long long start;
+    Py_buffer table;
+    if (!PyArg_ParseTuple(args, "OKy*", &values, &start, &table)) return NULL;
+    if (self->names == NULL) {
+        PyBuffer_Release(&table);
+        PyErr_SetString(PyExc_RuntimeError, "AnswerBuilder not initialised");
+        return NULL;
+    }
+    if (self->busy) {
+        PyBuffer_Release(&table);
+        PyErr_SetString(PyExc_RuntimeError, "AnswerBuilder.build re-entered");
+        return NULL;
+    }
+    const uint32_t *slot_ranks = (const uint32_t *)table.buf;
+    Py_ssize_t slots = table.len / (Py_ssize_t)sizeof(uint32_t);
+    PyObject *it = PyObject_GetIter(values);
+    if (it == NULL) {
+        PyBuffer_Release(&table);
+        return NULL;
+    }
+    self->busy = 1;
+    Py_ssize_t count = 0;
+    PyObject *result = NULL;
+    PyObject *item;
+    while ((item = PyIter_Next(it)) != NULL) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(item);
+        Py_DECREF(item);
+        if (v == (unsigned long long)-1 && PyErr_Occurred()) goto fail;
+        if (v < start) {
+            PyErr_SetString(PyExc_ValueError, "value below the run's start");
+            goto fail;
+        }
+        if (v - start >= MAX_SLOTS) break; /* the next cookie's run */
+        Py_ssize_t slot = (Py_ssize_t)(v - start);
+        if (slot >= slots) {
+            PyErr_SetString(PyExc_IndexError, "slot without a rank");
+            goto fail;
+        }
+        uint32_t rank = slot_ranks[slot];
+        if (rank >= INACTIVE) continue; /* paused or gone: never answered */
+        if ((Py_ssize_t)rank >= self->n) {
+            PyErr_SetString(PyExc_IndexError, "rank past the plan's segments");
+            goto fail;
+        }
+        if (!self->held[rank]) {
+            self->held[rank] = 1;
+            self->ranks[count++] = rank;
+        }
+    }
+    if (PyErr_Occurred()) goto fail;
+    if (count) count = run_program(self, count); /* none held: no composite either */
+    sort_ranks(self->ranks, count);
+    PyObject *names = PyTuple_New(count);
+    if (names == NULL) goto fail;
+    Py_ssize_t size = 2 + (count ? count - 1 : 0);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name = self->names[self->ranks[i]];
+        Py_INCREF(name);
+        PyTuple_SET_ITEM(names, i, name);
+        size += PyBytes_GET_SIZE(self->encoded[self->ranks[i]]);
+    }
+    /* Strings only, so never in a cycle: untracked now, the cyclic collector never walks
+     * the answer cache's tuples (a young collection walking ~25,000 fresh ones of ~47
+     * names each stalled the loop ~40 ms). CPython untracks such tuples itself, but only
+     * when a collection first visits them. */
+    if (PyObject_GC_IsTracked(names)) PyObject_GC_UnTrack(names);
+    PyObject *json = PyBytes_FromStringAndSize(NULL, size);
+    if (json == NULL) {
+        Py_DECREF(names);
+        goto fail;
+    }
+    char *out = PyBytes_AS_STRING(json);
+    *out++ = '[';
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *enc = self->encoded[self->ranks[i]];
+        if (i) *out++ = ',';
+        memcpy(out, PyBytes_AS_STRING(enc), (size_t)PyBytes_GET_SIZE(enc));
+        out += PyBytes_GET_SIZE(enc);
+    }
+    *out = ']';
+    result = PyTuple_Pack(2, names, json);
+    Py_DECREF(names);
+    Py_DECREF(json);
+fail:
+    for (Py_ssize_t i = 0; i < count; i++) self->held[self->ranks[i]] = 0;
+    self->busy = 0;
+    Py_DECREF(it);
+    PyBuffer_Release(&table);
+    return result;
+}
+
+static PyMethodDef plan_methods[] = {
+    {"build", (PyCFunction)plan_build, METH_VARARGS,
+     "build(values, start, slot_ranks) -> (names, json): one cookie's answer."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject AnswerPlanType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "dmp._answers.AnswerBuilder",
+    .tp_basicsize = sizeof(AnswerPlan),
+    .tp_dealloc = (destructor)plan_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One rule version's answer shape (dmp/answer_build.py).",
+    .tp_methods = plan_methods,
+    .tp_init = (initproc)plan_init,
+    .tp_new = PyType_GenericNew,
+};
+
+static int u64_buffer(PyObject *obj, Py_buffer *view, const char *what) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_ND | PyBUF_FORMAT) < 0) return -1;
+    if (view->itemsize != 8 || view->ndim != 1 || view->format == NULL ||
+        !(strcmp(view->format, "Q") == 0 || strcmp(view->format, "L") == 0 ||
+          strcmp(view->format, "<Q") == 0 || strcmp(view->format, "=Q") == 0)) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s must be a contiguous array of uint64", what);
+        return -1;
+    }
+    return 0;
+}
+
+static int u32_buffer(PyObject *obj, Py_buffer *view, const char *what) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_ND | PyBUF_FORMAT) < 0) return -1;
+    if (view->itemsize != 4 || view->ndim != 1 || view->format == NULL ||
+        !(strcmp(view->format, "I") == 0 || strcmp(view->format, "<I") == 0 ||
+          strcmp(view->format, "=I") == 0)) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s must be a contiguous array of uint32", what);
+        return -1;
+    }
+    return 0;
+}
+
+/* find_position(hashes, positions, buckets, shift, h) -> the position of the last
+ * hashes[i] == h, or None. ``buckets[k]`` is the first index whose hash >> shift is >= k
+ * (len 2**(64 - shift) + 1), so the search touches one short range instead of ~23 probes
+ * spread over the whole array, most of them cache misses at 10M cookies. Empty buckets:
+ * the whole array. */
+static PyObject *find_position(PyObject *module, PyObject *args) {
+    PyObject *hashes_obj, *positions_obj, *buckets_obj;
+    unsigned int shift;
+    unsigned long long h;
+    if (!PyArg_ParseTuple(args, "OOOIK", &hashes_obj, &positions_obj, &buckets_obj, &shift, &h))
+        return NULL;
+    Py_buffer hv, pv, bv;
+    if (u64_buffer(hashes_obj, &hv, "hashes") < 0) return NULL;
+    if (u64_buffer(positions_obj, &pv, "positions") < 0) {
+        PyBuffer_Release(&hv);
+        return NULL;
+    }
+    if (u32_buffer(buckets_obj, &bv, "buckets") < 0) {
+        PyBuffer_Release(&hv);
+        PyBuffer_Release(&pv);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t n = hv.shape[0];
+    Py_ssize_t lo = 0, hi = n;
+    if (pv.shape[0] != n) {
+        PyErr_SetString(PyExc_ValueError, "hashes and positions differ in length");
+        goto done;
+    }
+    if (bv.shape[0] > 0) {
+        if (shift < 1 || shift > 63 || bv.shape[0] != ((Py_ssize_t)1 << (64 - shift)) + 1) {
+            PyErr_SetString(PyExc_ValueError, "buckets do not match shift");
+            goto done;
+        }
+        const uint32_t *bs = (const uint32_t *)bv.buf;
+        uint64_t k = (uint64_t)h >> shift;
+        lo = (Py_ssize_t)bs[k];
+        hi = (Py_ssize_t)bs[k + 1];
+        if (lo > hi || hi > n) {
+            PyErr_SetString(PyExc_ValueError, "buckets out of range");
+            goto done;
+        }
+    }
+    const uint64_t *hs = (const uint64_t *)hv.buf;
+    /* First index with hs[i] > h: the one before it is the last entry <= h. */
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (hs[mid] <= h) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo > 0 && hs[lo - 1] == h) {
+        result = PyLong_FromUnsignedLongLong(((const uint64_t *)pv.buf)[lo - 1]);
+    } else {
+        result = Py_NewRef(Py_None);
+    }
+done:
+    PyBuffer_Release(&hv);
+    PyBuffer_Release(&pv);
+    PyBuffer_Release(&bv);
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"find_position", find_position, METH_VARARGS,
+     "find_position(hashes, positions, buckets, shift, h) -> position or None."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef answers_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "dmp._answers",
+    .m_doc = "The lookup's cache-miss path in C.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC PyInit__answers(void) {
+    if (PyType_Ready(&AnswerPlanType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&answers_module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&AnswerPlanType);
+    if (PyModule_AddObject(m, "AnswerBuilder", (PyObject *)&AnswerPlanType) < 0) {
+        Py_DECREF(&AnswerPlanType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "OP_REF", OP_REF) < 0 ||
+        PyModule_AddIntConstant(m, "OP_FALSE", OP_FALSE) < 0 ||
+        PyModule_AddIntConstant(m, "OP_NOT", OP_NOT) < 0 ||
+        PyModule_AddIntConstant(m, "OP_AND", OP_AND) < 0 ||
+        PyModule_AddIntConstant(m, "OP_OR", OP_OR) < 0 ||
+        PyModule_AddIntConstant(m, "OP_SET", OP_SET) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,19 @@
+# Types of the C extension dmp/_answers.c (see dmp/answer_build.py).
+from collections.abc import Iterable, Sequence
+
+OP_REF: int
+OP_FALSE: int
+OP_NOT: int
+OP_AND: int
+OP_OR: int
+OP_SET: int
+
+class AnswerBuilder:
+    def __init__(self, names: Sequence[str], encoded: Sequence[bytes], program: bytes) -> None: ...
+    def build(
+        self, values: Iterable[int], start: int, slot_ranks: bytes
+    ) -> tuple[tuple[str, ...], bytes]: ...
+
+def find_position(
+    hashes: object, positions: object, buckets: object, shift: int, h: int
+) -> int | None: ...
