@@ -112,13 +112,15 @@ static int plan_init(AnswerPlan *self, PyObject *args, PyObject *kwds) {
         return -1;
     if (self->busy) {
         PyBuffer_Release(&prog);
-        PyErr_SetString(PyExc_RuntimeError, "AnswerBuilder re-initialised while building");
+        PyErr_SetString(PyExc_RuntimeError, "AnswerBuilder re-initialised while in use");
         return -1;
     }
-    plan_free_arrays(self);
+    /* Busy while the sequences are read (that can run Python, which must not re-enter). */
+    self->busy = 1;
     int ok = -1;
     PyObject *names_seq = PySequence_Fast(names, "names must be a sequence");
     PyObject *enc_seq = names_seq ? PySequence_Fast(encoded, "encoded must be a sequence") : NULL;
+    plan_free_arrays(self);
     if (enc_seq == NULL) goto done;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(names_seq);
     if (PySequence_Fast_GET_SIZE(enc_seq) != n) {
@@ -137,7 +139,7 @@ static int plan_init(AnswerPlan *self, PyObject *args, PyObject *kwds) {
     self->names = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
     self->encoded = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
     self->program = PyMem_Malloc(((size_t)plen + 1) * sizeof(int32_t));
-    self->ranks_cap = MAX_SLOTS + n;
+    self->ranks_cap = n; /* each rank once: held[] drops repeats */
     self->ranks = PyMem_Malloc((size_t)self->ranks_cap * sizeof(uint32_t));
     self->held = PyMem_Calloc((size_t)n + 1, 1);
     if (!self->names || !self->encoded || !self->program || !self->ranks || !self->held) {
@@ -169,6 +171,7 @@ static int plan_init(AnswerPlan *self, PyObject *args, PyObject *kwds) {
     ok = 0;
 done:
     if (ok < 0) plan_free_arrays(self);
+    self->busy = 0;
     Py_XDECREF(names_seq);
     Py_XDECREF(enc_seq);
     PyBuffer_Release(&prog);
@@ -240,10 +243,15 @@ static void sort_ranks(uint32_t *r, Py_ssize_t count) {
 
 /* build(values, start, slot_ranks) -> (names, json): see the module comment. */
 static PyObject *plan_build(AnswerPlan *self, PyObject *args) {
-    PyObject *values;
-    unsigned long long start;
+    PyObject *values, *start_obj;
     Py_buffer table;
-    if (!PyArg_ParseTuple(args, "OKy*", &values, &start, &table)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOy*", &values, &start_obj, &table)) return NULL;
+    /* Not "K", which wraps negative and oversized ints silently. */
+    unsigned long long start = PyLong_AsUnsignedLongLong(start_obj);
+    if (start == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyBuffer_Release(&table);
+        return NULL;
+    }
     if (self->names == NULL) {
         PyBuffer_Release(&table);
         PyErr_SetString(PyExc_RuntimeError, "AnswerBuilder not initialised");
@@ -380,11 +388,12 @@ static int u32_buffer(PyObject *obj, Py_buffer *view, const char *what) {
  * spread over the whole array, most of them cache misses at 10M cookies. Empty buckets:
  * the whole array. */
 static PyObject *find_position(PyObject *module, PyObject *args) {
-    PyObject *hashes_obj, *positions_obj, *buckets_obj;
+    PyObject *hashes_obj, *positions_obj, *buckets_obj, *h_obj;
     unsigned int shift;
-    unsigned long long h;
-    if (!PyArg_ParseTuple(args, "OOOIK", &hashes_obj, &positions_obj, &buckets_obj, &shift, &h))
+    if (!PyArg_ParseTuple(args, "OOOIO", &hashes_obj, &positions_obj, &buckets_obj, &shift, &h_obj))
         return NULL;
+    unsigned long long h = PyLong_AsUnsignedLongLong(h_obj); /* not "K": it wraps */
+    if (h == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     Py_buffer hv, pv, bv;
     if (u64_buffer(hashes_obj, &hv, "hashes") < 0) return NULL;
     if (u64_buffer(positions_obj, &pv, "positions") < 0) {
@@ -404,7 +413,7 @@ static PyObject *find_position(PyObject *module, PyObject *args) {
         goto done;
     }
     if (bv.shape[0] > 0) {
-        if (shift < 1 || shift > 63 || bv.shape[0] != ((Py_ssize_t)1 << (64 - shift)) + 1) {
+        if (shift < 2 || shift > 63 || bv.shape[0] != ((Py_ssize_t)1 << (64 - shift)) + 1) {
             PyErr_SetString(PyExc_ValueError, "buckets do not match shift");
             goto done;
         }
@@ -460,7 +469,9 @@ PyMODINIT_FUNC PyInit__answers(void) {
         Py_DECREF(m);
         return NULL;
     }
-    if (PyModule_AddIntConstant(m, "OP_REF", OP_REF) < 0 ||
+    if (PyModule_AddIntConstant(m, "MAX_SLOTS", MAX_SLOTS) < 0 ||
+        PyModule_AddIntConstant(m, "INACTIVE", INACTIVE) < 0 ||
+        PyModule_AddIntConstant(m, "OP_REF", OP_REF) < 0 ||
         PyModule_AddIntConstant(m, "OP_FALSE", OP_FALSE) < 0 ||
         PyModule_AddIntConstant(m, "OP_NOT", OP_NOT) < 0 ||
         PyModule_AddIntConstant(m, "OP_AND", OP_AND) < 0 ||

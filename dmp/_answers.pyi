@@ -1,6 +1,8 @@
 # Types of the C extension dmp/_answers.c (see dmp/answer_build.py).
 from collections.abc import Iterable, Sequence
 
+MAX_SLOTS: int
+INACTIVE: int
 OP_REF: int
 OP_FALSE: int
 OP_NOT: int

@@ -21,6 +21,8 @@ from segment_rules.model import All, Composite, Not, Segment, SegmentRef
 
 try:
     from dmp._answers import (
+        INACTIVE,
+        MAX_SLOTS,
         OP_AND,
         OP_FALSE,
         OP_NOT,
@@ -32,14 +34,31 @@ try:
     )
 except ImportError:  # not built (pip install -e . builds it): the Python answers alone
     AnswerBuilder = None  # type: ignore[assignment,misc]  # a class when built, else None
-    find_position = None  # type: ignore[assignment]
+    find_position = None  # type: ignore[assignment]  # a function when built, else None
     OP_REF, OP_FALSE, OP_NOT, OP_AND, OP_OR, OP_SET = range(6)
+    MAX_SLOTS = INACTIVE = 0
 
-__all__ = ["AnswerBuilder", "available", "composite_program", "find_position", "rank_table"]
+__all__ = [
+    "AnswerBuilder",
+    "available",
+    "check_limits",
+    "composite_program",
+    "find_position",
+    "rank_table",
+]
 
 
 def available() -> bool:
     return AnswerBuilder is not None
+
+
+def check_limits(max_slots: int, inactive: int) -> None:
+    """Refuse a built extension whose slot count or inactive rank differ from the replica's."""
+    if available() and (max_slots, inactive) != (MAX_SLOTS, INACTIVE):
+        raise ImportError(
+            f"dmp._answers was built for {MAX_SLOTS} slots and inactive rank {INACTIVE}, "
+            f"the replica has {max_slots} and {inactive}: rebuild it (pip install -e .)"
+        )
 
 
 def composite_program(composites: Sequence[Segment], active: dict[str, int]) -> bytes:

@@ -211,6 +211,8 @@ class ChangeFollower:
                     await asyncio.sleep(self.block_ms / 1000)
                     continue
                 await self._read_once()
+                if self.replica.ids.merge_due:
+                    await self.replica.ids.merge()  # new cookie ids, off the event loop
                 backoff = 0.1
             except RedisError as exc:
                 self.healthy = False

@@ -6,10 +6,11 @@ ran full collections over every cached state again and again: py-spy put `gc_col
 at 28 % of ingest's samples with 1,000 segments (docs/decisions/0006). Freezing what exists
 at start-up (modules, settings) and collecting the young generation every 50,000 allocations
 instead of 700 took ingest from 50.7K to 70.3K events/s with 100 segments and from 32.5K to
-48.2K with 1,000 (medians of 3, loadtests/ingest.py). The lookup, whose answer cache holds
-up to 100,000 lists, went from 52.8 to 48.2 us of CPU a request (1M cookies, 1,000
-segments, medians of 3; docs/decisions/0007). Reference counting still frees nearly
-everything at once; only garbage in cycles waits longer.
+48.2K with 1,000 (medians of 3, loadtests/ingest.py). The lookup, whose answer cache then
+held up to 100,000 lists, went from 52.8 to 48.2 us of CPU a request (1M cookies, 1,000
+segments, medians of 3; docs/decisions/0007); its cache now gives the collector nothing to
+walk (docs/decisions/0012). Reference counting still frees nearly everything at once; only
+garbage in cycles waits longer.
 """
 
 from __future__ import annotations

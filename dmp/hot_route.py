@@ -16,12 +16,13 @@ from typing import cast
 from aiohttp import web
 from aiohttp.hdrs import EXPECT
 
+from dmp.observed_routes import Handler
+
 PREFIX = "/v1/users/"
 SUFFIX = "/segments"
 _PREFIX_LEN = len(PREFIX)
 _SUFFIX_LEN = len(SUFFIX)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
@@ -44,12 +45,18 @@ def uid_of(path: str) -> str:
     return path[_PREFIX_LEN:-_SUFFIX_LEN]
 
 
-def serve_first(server: web.Server, handler: Handler) -> None:
-    """Make ``server`` (an ``AppRunner``'s, after ``setup()``) answer the lookup itself.
+def serve_first(runner: web.AppRunner, handler: Handler) -> None:
+    """Make ``runner``'s server (after ``setup()``) answer the lookup itself.
 
     ``handler`` must not read ``request.match_info`` or ``request.app``: the router, which
-    sets them, is what this skips.
+    sets them, is what this skips, and with it middlewares and ``on_response_prepare``
+    signals; an application with either is refused rather than silently bypassed.
     """
+    app, server = runner.app, runner.server
+    if server is None:
+        raise RuntimeError("serve_first needs a runner after setup()")
+    if app.middlewares or app.on_response_prepare:
+        raise RuntimeError("the lookup app has middlewares or response signals to run")
     app_handler: ServerHandler = server.request_handler
 
     # Not a coroutine function: it returns the chosen handler's coroutine, which aiohttp

@@ -17,11 +17,11 @@ from dmp.auth_admin_routes import setup_admin_routes
 from dmp.change_follower import ChangeFollower
 from dmp.config import Settings
 from dmp.gc_tuning import collect_after_load
-from dmp.hot_route import Handler, uid_of
+from dmp.hot_route import uid_of
 from dmp.limits import request_limits
 from dmp.match_table_follower import MatchTableFollower
-from dmp.metrics import CONTENT_TYPE, LookupMetrics
-from dmp.observed_routes import ObservedRoutes, SyncHandler, json_error, json_response
+from dmp.metrics import CONTENT_TYPE, PARTNER_LABEL, LookupMetrics
+from dmp.observed_routes import Handler, ObservedRoutes, SyncHandler, json_error, json_response
 from dmp.privacy_follow import SUPPRESSION, SuppressionFollower
 from dmp.privacy_routes import PRIVACY_FOLLOWER, setup_privacy
 from dmp.redis_client import connect
@@ -164,6 +164,7 @@ def user_segments_handler(app: web.Application) -> SyncHandler:
         elif profile is None:
             body = replica.document(uid)
         else:
+            request[PARTNER_LABEL] = profile.partner_id  # the request metrics, by partner
             granted = profile.granted_segments
             segments = [s for s in replica.segments(uid) if s in granted]
             body = orjson.dumps({"uid": uid, "segments": segments})

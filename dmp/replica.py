@@ -2,12 +2,15 @@
 
 Per Kafka partition, one ``BitMap64`` holds ``local << SLOT_BITS | slot`` for every
 membership, so a lookup reads one short contiguous run whatever the number of segments
-(docs/decisions/0002). Cookie ids are found through their 64-bit hash in a sorted numpy
-array (12 bytes a cookie) plus a small dict of cookies first seen since the load.
+(docs/decisions/0002). Cookie ids are found through their 64-bit hash in sorted numpy
+arrays (16 bytes a cookie, plus 0.5-1 byte of bucket starts) and a dict of cookies first
+seen since the load, merged into the arrays off the event loop. A cache miss is built in C
+when the extension is built (dmp/answer_build.py, docs/decisions/0012).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
@@ -19,7 +22,13 @@ import numpy.typing as npt
 import orjson
 from pyroaring import BitMap64
 
-from dmp.answer_build import AnswerBuilder, composite_program, find_position, rank_table
+from dmp.answer_build import (
+    AnswerBuilder,
+    check_limits,
+    composite_program,
+    find_position,
+    rank_table,
+)
 from dmp.ids import LOCAL_BITS, uid_hash
 from dmp.shards import Shard
 from segment_rules import CompiledRules
@@ -51,25 +60,41 @@ class IdIndex:
         return len(self._hashes) + len(self._overlay)
 
     def extend(self, hashes: U64, positions: U64) -> None:
-        """Bulk add, in order: a later entry for the same hash wins over an earlier one.
+        """Bulk add (a partition's load), in order: a later entry for a hash wins.
 
-        Merges the overlay too (an empty bulk add only merges it)."""
+        Merges the overlay too. On the caller's thread: loads run before the replica is
+        ready; the overlay alone is merged off the event loop (``merge``)."""
         if not len(hashes) and not self._overlay:
             return
-        overlay_h = np.fromiter(self._overlay.keys(), dtype=np.uint64, count=len(self._overlay))
-        overlay_p = np.fromiter(self._overlay.values(), dtype=np.uint64, count=len(self._overlay))
-        all_h = np.concatenate([self._hashes, overlay_h, hashes])
-        all_p = np.concatenate([self._positions, overlay_p, positions])
-        order = np.argsort(all_h, kind="stable")  # stable: equal hashes keep their order
-        self._hashes = all_h[order]
-        self._positions = all_p[order]
+        self._swap(_merged(self._hashes, self._positions, self._overlay, hashes, positions))
         self._overlay = {}
-        self._buckets, self._shift = _buckets(self._hashes)
 
     def add(self, h: int, pos: int) -> None:
+        """A cookie first seen since the load; ``merge`` moves these into the arrays."""
         self._overlay[h] = pos
-        if len(self._overlay) >= OVERLAY_MERGE_AT:
-            self.extend(np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.uint64))
+
+    @property
+    def merge_due(self) -> bool:
+        return len(self._overlay) >= OVERLAY_MERGE_AT
+
+    async def merge(self) -> None:
+        """Merge the overlay into the sorted arrays in a worker thread (numpy's sort and
+        copies let go of the GIL), so lookups go on: at 10M cookies the re-sort takes most
+        of a second. Ids added meanwhile stay in the overlay, which ``get`` reads first."""
+        pending = dict(self._overlay)
+        base = self._hashes
+        empty = np.empty(0, dtype=np.uint64)
+        merged = await asyncio.to_thread(_merged, base, self._positions, pending, empty, empty)
+        if self._hashes is not base:
+            return  # a load replaced the arrays meanwhile; the overlay is merged next time
+        self._swap(merged)
+        for h, pos in pending.items():
+            if self._overlay.get(h) == pos:
+                del self._overlay[h]
+
+    def _swap(self, merged: tuple[U64, U64, npt.NDArray[np.uint32], int]) -> None:
+        # All four at once: a search must never pair new hashes with old buckets.
+        self._hashes, self._positions, self._buckets, self._shift = merged
 
     def get(self, h: int) -> int | None:
         pos = self._overlay.get(h)
@@ -82,6 +107,19 @@ class IdIndex:
         if i >= 0 and int(hashes[i]) == h:
             return int(self._positions[i])
         return None
+
+
+def _merged(
+    hashes: U64, positions: U64, overlay: dict[int, int], more_h: U64, more_p: U64
+) -> tuple[U64, U64, npt.NDArray[np.uint32], int]:
+    """The sorted arrays with the overlay and then ``more`` added (later entries win)."""
+    overlay_h = np.fromiter(overlay.keys(), dtype=np.uint64, count=len(overlay))
+    overlay_p = np.fromiter(overlay.values(), dtype=np.uint64, count=len(overlay))
+    all_h = np.concatenate([hashes, overlay_h, more_h])
+    all_p = np.concatenate([positions, overlay_p, more_p])
+    order = np.argsort(all_h, kind="stable")  # stable: equal hashes keep their order
+    sorted_h = all_h[order]
+    return (sorted_h, all_p[order], *_buckets(sorted_h))
 
 
 def _buckets(hashes: U64) -> tuple[npt.NDArray[np.uint32], int]:
@@ -207,6 +245,7 @@ class PartitionIndex:
 # A full answer cache drops this fraction of its entries, oldest first (Replica._evict_oldest).
 CACHE_EVICT_PARTS = 64
 INACTIVE = 1 << 30  # the rank of a slot whose segment is paused or gone: sorts last
+check_limits(MAX_SLOTS, INACTIVE)
 
 
 class AnswerPlan:
@@ -298,7 +337,8 @@ class Replica:
         self.shard = shard
         self.ids = IdIndex()
         self.partitions: dict[int, PartitionIndex] = {}
-        # compiled=False: answers from the Python alone (tests hold the two equal).
+        # compiled=False: answers built by the Python alone (tests hold the two equal); the
+        # id search is the C one whenever the extension is built.
         self._compiled = compiled
         self._plan = AnswerPlan(rules, compiled=compiled)
         self._cache_size = cache_size
@@ -412,10 +452,6 @@ class Replica:
         if hit is not None:
             return hit
         return self._answer(uid)[1]
-
-    def segments_json(self, uid: str) -> bytes:
-        """``segments(uid)`` as a JSON array."""
-        return self.document(uid)[len(_document_head(uid)) : -1]
 
     def _answer(self, uid: str) -> tuple[tuple[str, ...], bytes]:
         pos = self.position(uid)

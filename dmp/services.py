@@ -89,9 +89,8 @@ async def serve_lookup(settings: Settings, rules: CompiledRules, *, worker: bool
     )
     try:
         await runner.setup()
-        assert runner.server is not None  # set up just now
         # The bid-time route before the router (dmp/hot_route.py, docs/decisions/0012).
-        serve_first(runner.server, runner.app[HOT_ROUTE])
+        serve_first(runner, runner.app[HOT_ROUTE])
         site = web.TCPSite(
             runner, settings.lookup.host, settings.lookup.port, reuse_port=worker or None
         )

@@ -26,6 +26,7 @@ from dmp.hot_route import serve_first, uid_in_path
 from dmp.ids import position, uid_hash
 from dmp.limits import PARSER_LIMITS
 from dmp.lookup import HOT_ROUTE, MAX_UID_LENGTH, REPLICA, create_lookup_app
+from dmp.observed_routes import Handler
 from dmp.privacy_follow import SUPPRESSION
 from segment_rules import CompiledRules, load_rules_file
 from tests.bidder_adapter.partner_yaml import ACME_KEY, ADMIN_KEY, BETA_KEY, partner_yaml
@@ -93,7 +94,7 @@ async def serve(settings: Settings, rules: CompiledRules, *, hot: bool) -> Serve
     assert runner.server is not None
     if hot:
         routed = runner.server.request_handler
-        serve_first(runner.server, app[HOT_ROUTE])
+        serve_first(runner, app[HOT_ROUTE])
         assert runner.server.request_handler is not routed
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -376,3 +377,23 @@ async def test_an_encoded_slash_around_the_uid_is_not_the_route(pair: Pair) -> N
     ):
         (answer,) = await both(pair, request(target))
         assert answer.status == 404, target
+
+
+async def test_an_app_with_a_middleware_is_refused() -> None:
+    @web.middleware
+    async def tag(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await handler(request)
+
+    app = web.Application(middlewares=[tag])
+    handler = app.router.add_get("/x", json_ok).handler
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        with pytest.raises(RuntimeError, match="middlewares"):
+            serve_first(runner, handler)
+    finally:
+        await runner.cleanup()
+
+
+async def json_ok(request: web.Request) -> web.Response:
+    return web.json_response({})

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -126,10 +128,22 @@ def test_an_answer_is_cached_on_its_second_miss_and_the_first_misses_are_bounded
 def test_new_ids_are_merged_into_the_sorted_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(replica_module, "OVERLAY_MERGE_AT", 3)
     ids = IdIndex()
+    ids.extend(np.array([uid_hash("old")], dtype=np.uint64), np.array([7], dtype=np.uint64))
     for n in range(10):
         ids.add(uid_hash(f"u{n}"), n)
-    assert len(ids._overlay) < 3  # merged as it filled, not left to grow
-    assert len(ids) == 10
-    assert [ids.get(uid_hash(f"u{n}")) for n in range(10)] == list(range(10))
-    ids.add(uid_hash("u3"), 42)  # a later position for a known hash wins
-    assert ids.get(uid_hash("u3")) == 42
+    assert ids.merge_due
+
+    async def merge_while_adding() -> None:
+        merging = asyncio.create_task(ids.merge())
+        await asyncio.sleep(0)  # the merge is in its thread: an id added now stays found
+        ids.add(uid_hash("late"), 99)
+        ids.add(uid_hash("u3"), 42)  # a later position for a hash being merged wins
+        await merging
+
+    asyncio.run(merge_while_adding())
+    assert set(ids._overlay) == {uid_hash("late"), uid_hash("u3")}  # the rest merged
+    assert len(ids._hashes) == 11
+    assert len(ids) == 13
+    expected = {f"u{n}": n for n in range(10)} | {"u3": 42, "late": 99, "old": 7}
+    assert {uid: ids.get(uid_hash(uid)) for uid in expected} == expected
+    assert ids.get(uid_hash("never")) is None
