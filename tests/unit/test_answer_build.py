@@ -229,19 +229,26 @@ def test_compiled_and_python_replicas_answer_alike(data: st.DataObject) -> None:
     pair.check(ruleset)
 
 
-def test_a_cookie_in_nothing_active_gets_no_composite() -> None:
-    needs_extension()
-    text = """segments:
+# A base segment and a paused one, which the composites below refer to.
+A_AND_PAUSED_P = """segments:
   - id: a
     rule: {within: 1d, where: {field: type, equals: click}}
   - id: p
     status: paused
     rule: {within: 1d, where: {field: type, equals: search}}
-  - id: a_not_p
+"""
+
+
+def test_a_cookie_in_nothing_active_gets_no_composite() -> None:
+    needs_extension()
+    text = (
+        A_AND_PAUSED_P
+        + """  - id: a_not_p
     of: {and: [a, {not: p}]}
   - id: deep
     of: {or: [a_not_p, p]}
 """
+    )
     rules = CompiledRules(parse_rules(text))
     for compiled in (True, False):
         replica = Replica(rules, compiled=compiled)
@@ -540,15 +547,12 @@ def test_composite_programs_follow_the_rules() -> None:
 
 def test_composite_program_of_an_inactive_reference() -> None:
     needs_extension()
-    text = """segments:
-  - id: a
-    rule: {within: 1d, where: {field: type, equals: click}}
-  - id: p
-    status: paused
-    rule: {within: 1d, where: {field: type, equals: search}}
-  - id: x
+    text = (
+        A_AND_PAUSED_P
+        + """  - id: x
     of: {and: [a, p]}
 """
+    )
     ruleset = parse_rules(text)
     active = {"a": 0, "x": 2}
     prog = composite_program(list(ruleset.segments), active)
