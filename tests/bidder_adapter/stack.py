@@ -11,15 +11,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from bidder_adapter.app_keys import MATCH_FOLLOWER, MATCH_TABLE
+from bidder_adapter.app_keys import MATCH_TABLE
 from bidder_adapter.profiles import hash_api_key
 from dmp.config import Settings
 from dmp.ids import uid_hash
-from dmp.lookup import FOLLOWER, REPLICA, create_lookup_app
+from dmp.lookup import REPLICA, create_lookup_app
 from dmp.replica import Replica
 from segment_rules import CompiledRules
 from tests.bidder_adapter.partner_yaml import ADMIN_KEY, partner_yaml, write_partners
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import wait_lookup_ready, wait_until
 
 _positions = itertools.count(1_000_000)
 
@@ -40,11 +40,7 @@ async def ready_partner_app(
 ) -> tuple[TestClient[Any, Any], web.Application]:
     app = create_lookup_app(settings, rules)
     client = await aiohttp_client(app)
-    await wait_until(
-        lambda: app[FOLLOWER].ready.is_set() and app[MATCH_FOLLOWER].ready.is_set(),
-        10,
-        "lookup and match table readiness",
-    )
+    await wait_lookup_ready(app)
     return client, app
 
 

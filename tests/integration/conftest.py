@@ -9,14 +9,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
+from bidder_adapter.app_keys import MATCH_FOLLOWER
 from dmp.config import Settings
 from dmp.ingest import IngestService
+from dmp.lookup import FOLLOWER
 from dmp.metrics import IngestMetrics
+from dmp.privacy_routes import PRIVACY_FOLLOWER
 from dmp.topics import create_topics
 from segment_rules import CompiledRules, load_rules_file
 from tests.conftest import EXAMPLE_RULES, delete_topics
@@ -141,6 +146,16 @@ async def start_ingest(
     for ingest in running:
         if not ingest.task.done():
             await ingest.stop()
+
+
+async def wait_lookup_ready(app: web.Application, timeout: float = 10) -> None:
+    """Until the lookup app's followers are loaded, as /readyz asks: the replica, the
+    suppression list (until it is loaded every cookie is answered as in nothing) and, with
+    partner routes, the match table."""
+    followers: list[Any] = [app[FOLLOWER], app[PRIVACY_FOLLOWER]]
+    if MATCH_FOLLOWER in app:
+        followers.append(app[MATCH_FOLLOWER])
+    await wait_until(lambda: all(f.ready.is_set() for f in followers), timeout, "lookup readiness")
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

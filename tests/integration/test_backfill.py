@@ -18,11 +18,11 @@ from pytest_aiohttp import AiohttpClient
 from dmp.audience import Audience
 from dmp.config import Settings
 from dmp.keys import PartitionKeys
-from dmp.lookup import FOLLOWER, REPLICA, create_lookup_app
+from dmp.lookup import REPLICA, create_lookup_app
 from dmp.rule_versions import RuleVersions
 from segment_rules import CompiledRules, parse_rules
 from tests.conftest import EXAMPLE_RULES
-from tests.integration.conftest import StartIngest, wait_until
+from tests.integration.conftest import StartIngest, wait_lookup_ready
 from tests.integration.helpers import new_car_view, segments_of
 
 DAY = 86400.0
@@ -109,7 +109,7 @@ async def test_backfill_builds_a_paused_segment_under_live_traffic_and_flips_it_
     await start_ingest()
     app = create_lookup_app(settings, rules)
     client = await aiohttp_client(app)
-    await wait_until(lambda: app[FOLLOWER].ready.is_set(), 10, "lookup readiness")
+    await wait_lookup_ready(app, 10)
 
     # History, all before the segment exists. 'ancient' clicks are inside the rule's 14 days
     # but outside the 8 days asked for; 'once' has one click only; 'mixed' gets its second

@@ -28,7 +28,7 @@ from dmp.backfill_job import activate
 from dmp.backfill_merge import Manifest
 from dmp.config import Settings
 from dmp.keys import PartitionKeys, partitions_key
-from dmp.lookup import FOLLOWER, REPLICA, create_lookup_app
+from dmp.lookup import REPLICA, create_lookup_app
 from dmp.redis_types import as_bytes
 from dmp.rule_versions import RuleVersions
 from segment_rules import CompiledRules, parse_rules
@@ -42,7 +42,7 @@ from tests.faults.support import (
     summarize_difference,
     wait_applied,
 )
-from tests.integration.conftest import StartIngest, wait_until
+from tests.integration.conftest import StartIngest, wait_lookup_ready
 from tests.integration.helpers import segments_of
 from tests.integration.test_backfill import (
     V1,
@@ -158,7 +158,7 @@ async def test_a_crash_between_merge_chunks_stays_paused_and_a_rerun_ends_as_a_c
         # Lookups of the interrupted run, watched all through.
         app = create_lookup_app(s, rules)
         client = await aiohttp_client(app)
-        await wait_until(lambda: app[FOLLOWER].ready.is_set(), 10, "lookup readiness")
+        await wait_lookup_ready(app, 10)
         views: set[frozenset[str]] = set()
 
         async def watch() -> None:

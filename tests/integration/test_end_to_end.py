@@ -14,9 +14,9 @@ from aiokafka import AIOKafkaProducer
 from pytest_aiohttp import AiohttpClient
 
 from dmp.config import Settings
-from dmp.lookup import FOLLOWER, create_lookup_app
+from dmp.lookup import create_lookup_app
 from segment_rules import CompiledRules
-from tests.integration.conftest import StartIngest, wait_until
+from tests.integration.conftest import StartIngest, wait_lookup_ready
 from tests.integration.helpers import new_car_view, produce, segments_of
 
 ALL_THREE = ["auto_new_car_intent", "geo_socal", "new_car_socal"]
@@ -27,7 +27,7 @@ async def ready_lookup(
 ) -> TestClient[Any, Any]:
     app = create_lookup_app(settings, rules)
     client = await aiohttp_client(app)
-    await wait_until(lambda: app[FOLLOWER].ready.is_set(), 10, "lookup readiness")
+    await wait_lookup_ready(app, 10)
     return client
 
 

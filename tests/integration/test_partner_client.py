@@ -17,11 +17,11 @@ from pytest_aiohttp import AiohttpServer
 
 from bidder_adapter.client import ClientConfig, ClientMetrics, DmpClient
 from dmp.config import Settings
-from dmp.lookup import FOLLOWER, REPLICA, create_lookup_app
+from dmp.lookup import REPLICA, create_lookup_app
 from segment_rules import CompiledRules
 from tests.bidder_adapter.partner_yaml import ACME_KEY, BETA_KEY
 from tests.bidder_adapter.stack import seed, with_partners
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import wait_lookup_ready
 
 FRAGMENT = {
     "user": {"data": [{"id": "dmp.example", "segment": [{"id": "x"}], "ext": {"segtax": 4}}]}
@@ -146,7 +146,7 @@ async def test_against_the_real_lookup_app(
 ) -> None:
     app = create_lookup_app(with_partners(settings, tmp_path), rules)
     server = await aiohttp_server(app)
-    await wait_until(lambda: app[FOLLOWER].ready.is_set(), 10, "lookup readiness")
+    await wait_lookup_ready(app, 10)
     seed(app[REPLICA], "client-user", "auto_new_car_intent", "geo_socal")
     base = str(server.make_url(""))
     registry = CollectorRegistry()

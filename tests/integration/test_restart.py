@@ -13,10 +13,10 @@ from pytest_aiohttp import AiohttpClient
 from dmp.config import Settings
 from dmp.cookie_state import CookieState
 from dmp.keys import PartitionKeys
-from dmp.lookup import FOLLOWER, create_lookup_app
+from dmp.lookup import create_lookup_app
 from dmp.redis_types import as_bytes
 from segment_rules import CompiledRules
-from tests.integration.conftest import StartIngest, wait_until
+from tests.integration.conftest import StartIngest, wait_lookup_ready
 from tests.integration.helpers import new_car_view, produce, segments_of
 
 UIDS = [f"cookie-{n}" for n in range(40)]
@@ -48,7 +48,7 @@ async def answers(
 ) -> dict[str, list[str]]:
     app = create_lookup_app(settings, rules)
     client = await aiohttp_client(app)
-    await wait_until(lambda: app[FOLLOWER].ready.is_set(), 10, "lookup readiness")
+    await wait_lookup_ready(app, 10)
     result = {uid: await segments_of(client, uid) for uid in UIDS}
     await client.close()
     return result

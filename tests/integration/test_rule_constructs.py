@@ -21,9 +21,9 @@ from aiokafka import AIOKafkaProducer
 from pytest_aiohttp import AiohttpClient
 
 from dmp.config import Settings
-from dmp.lookup import FOLLOWER, create_lookup_app
+from dmp.lookup import create_lookup_app
 from segment_rules import CompiledRules, parse_rules
-from tests.integration.conftest import StartIngest, wait_until
+from tests.integration.conftest import StartIngest, wait_lookup_ready
 from tests.integration.helpers import DAY, segments_of
 
 # Long enough for a sweep (due every second of clock time, polled every 100 ms) to have run,
@@ -101,7 +101,7 @@ def timed_stack(
         await start_ingest(s, rules, clock)
         app = create_lookup_app(s, rules)
         client = await aiohttp_client(app)
-        await wait_until(lambda: app[FOLLOWER].ready.is_set(), 10, "lookup readiness")
+        await wait_lookup_ready(app, 10)
         return TimedStack(clock, client, producer, settings.kafka.topic)
 
     return start

@@ -12,9 +12,9 @@ from aiokafka import AIOKafkaProducer
 from pytest_aiohttp import AiohttpClient
 
 from dmp.config import Settings
-from dmp.lookup import FOLLOWER, create_lookup_app
+from dmp.lookup import create_lookup_app
 from segment_rules import CompiledRules
-from tests.integration.conftest import StartIngest, wait_until
+from tests.integration.conftest import StartIngest, wait_lookup_ready
 from tests.integration.helpers import segments_of
 
 V1 = """segments:
@@ -71,7 +71,7 @@ async def test_reload_and_rollback_under_live_events_and_lookups(
     ingest = await start_ingest()
     app = create_lookup_app(settings, rules)
     client = await aiohttp_client(app)
-    await wait_until(lambda: app[FOLLOWER].ready.is_set(), 10, "lookup readiness")
+    await wait_lookup_ready(app, 10)
 
     async def send(uid: str, kind: str) -> None:
         event = {"uid": uid, "ts": time.time(), "type": kind}

@@ -12,11 +12,11 @@ from pytest_aiohttp import AiohttpClient
 
 from dmp.audience import Audience
 from dmp.config import Settings
-from dmp.lookup import FOLLOWER, create_lookup_app
+from dmp.lookup import create_lookup_app
 from dmp.rule_versions import RuleVersions, diff_rules
 from segment_rules import CompiledRules, RuleFileError
 from tests.conftest import EXAMPLE_RULES
-from tests.integration.conftest import StartIngest, wait_until
+from tests.integration.conftest import StartIngest, wait_lookup_ready
 from tests.integration.helpers import new_car_view, produce, segments_of
 
 V1 = EXAMPLE_RULES.read_text()
@@ -47,7 +47,7 @@ async def test_hot_reload_rollback_and_audience(
     await start_ingest()
     app = create_lookup_app(settings, rules)
     client = await aiohttp_client(app)
-    await wait_until(lambda: app[FOLLOWER].ready.is_set(), 10, "lookup readiness")
+    await wait_lookup_ready(app, 10)
     topic = settings.kafka.topic
     buyers = [f"buyer-{n}" for n in range(10)]
     await produce(producer, topic, [new_car_view(u, age) for u in buyers for age in (3, 1)])

@@ -22,12 +22,12 @@ from redis.exceptions import AuthenticationError, ResponseError
 from dmp.auth_transport import kafka_security_options
 from dmp.config import Settings, describe
 from dmp.ingest import IngestService
-from dmp.lookup import FOLLOWER, create_lookup_app
+from dmp.lookup import create_lookup_app
 from dmp.metrics import IngestMetrics
 from dmp.topics import create_topics
 from segment_rules import CompiledRules
 from tests.faults.support import PrivateKafka, PrivateRedis
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import wait_lookup_ready, wait_until
 from tests.integration.helpers import new_car_view, produce, segments_of
 from tests.integration.test_restart import wait_until_offsets
 
@@ -105,7 +105,7 @@ async def test_redis_requirepass(
             await wait_until_offsets(client, s, 2)
             app = create_lookup_app(s, rules)
             lookup = await aiohttp_client(app)
-            await wait_until(lambda: app[FOLLOWER].ready.is_set(), 10, "lookup ready")
+            await wait_lookup_ready(app, 10)
             assert await segments_of(lookup, "pw-user") == ALL
 
             # Without the password a replica never loads: not ready, and it answers nothing.

@@ -11,9 +11,9 @@ from aiokafka import AIOKafkaProducer
 from pytest_aiohttp import AiohttpClient
 
 from dmp.config import Settings
-from dmp.lookup import FOLLOWER, create_lookup_app
+from dmp.lookup import create_lookup_app
 from segment_rules import CompiledRules, parse_rules
-from tests.integration.conftest import StartIngest, wait_until
+from tests.integration.conftest import StartIngest, wait_lookup_ready
 from tests.integration.helpers import DAY, segments_of
 
 RULES = """segments:
@@ -54,7 +54,7 @@ async def test_window_and_ttl_lapse_without_new_events(
     await start_ingest(s, rules, clock)
     app = create_lookup_app(s, rules)
     client = await aiohttp_client(app)
-    await wait_until(lambda: app[FOLLOWER].ready.is_set(), 10, "lookup readiness")
+    await wait_lookup_ready(app, 10)
 
     start = clock.now
     first, second = start - 10 * DAY, start - 5 * DAY

@@ -20,11 +20,11 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
 from dmp.config import Settings
-from dmp.lookup import FOLLOWER, create_lookup_app
+from dmp.lookup import create_lookup_app
 from dmp.services import _serve_metrics
 from segment_rules import CompiledRules
 from tests.conftest import REPO
-from tests.integration.conftest import StartIngest, wait_until
+from tests.integration.conftest import StartIngest, wait_lookup_ready
 from tests.integration.helpers import new_car_view, produce
 from tests.ops.conftest import PROMETHEUS_DIR
 from tests.ops.test_logs import free_port
@@ -123,7 +123,7 @@ async def lookup_port(settings: Settings, rules: CompiledRules) -> AsyncIterator
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    await wait_until(lambda: app[FOLLOWER].ready.is_set(), 15, "lookup readiness")
+    await wait_lookup_ready(app, 15)
     port: int = runner.addresses[0][1]
     yield port
     await runner.cleanup()

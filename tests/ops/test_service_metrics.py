@@ -25,12 +25,12 @@ from dmp.change_follower import ChangeFollower
 from dmp.config import Settings
 from dmp.keys import PartitionKeys
 from dmp.logs import JsonFormatter
-from dmp.lookup import FOLLOWER, METRICS, create_lookup_app
+from dmp.lookup import METRICS, create_lookup_app
 from dmp.metrics import IngestMetrics, LookupMetrics
 from dmp.redis_types import as_bytes
 from dmp.replica import Replica
 from segment_rules import CompiledRules
-from tests.integration.conftest import StartIngest, wait_until
+from tests.integration.conftest import StartIngest, wait_lookup_ready, wait_until
 from tests.integration.helpers import new_car_view, produce
 from tests.ops.test_logs import free_port
 
@@ -264,7 +264,7 @@ async def test_replica_reports_redis_loss_and_recovery(
     assert (await client.get("/readyz")).status == 503
 
     async with own_redis(tmp_path, port) as redis_proc:
-        await wait_until(lambda: app[FOLLOWER].ready.is_set(), 15, "snapshot load")
+        await wait_lookup_ready(app, 15)
         await wait_until(lambda: value(metrics, "dmp_redis_connected") == 1, 10, "connected")
         assert value(metrics, "dmp_lookup_ready") == 1
         assert (value(metrics, "dmp_replica_change_stream_lag_seconds") or 0) < 1
