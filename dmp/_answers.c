@@ -358,25 +358,17 @@ static PyTypeObject AnswerPlanType = {
     .tp_new = PyType_GenericNew,
 };
 
-static int u64_buffer(PyObject *obj, Py_buffer *view, const char *what) {
+/* A one-dimensional contiguous buffer of unsigned integers of ``size`` bytes (numpy's
+ * uint64 says "L" or "Q", uint32 "I", possibly after a byte-order mark). */
+static int uint_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t size, const char *what) {
     if (PyObject_GetBuffer(obj, view, PyBUF_ND | PyBUF_FORMAT) < 0) return -1;
-    if (view->itemsize != 8 || view->ndim != 1 || view->format == NULL ||
-        !(strcmp(view->format, "Q") == 0 || strcmp(view->format, "L") == 0 ||
-          strcmp(view->format, "<Q") == 0 || strcmp(view->format, "=Q") == 0)) {
+    const char *f = view->format;
+    if (f != NULL && (*f == '<' || *f == '=' || *f == '@')) f++;
+    if (view->itemsize != size || view->ndim != 1 || f == NULL || f[0] == '\0' || f[1] != '\0' ||
+        strchr("BHILQ", f[0]) == NULL) {
         PyBuffer_Release(view);
-        PyErr_Format(PyExc_TypeError, "%s must be a contiguous array of uint64", what);
-        return -1;
-    }
-    return 0;
-}
-
-static int u32_buffer(PyObject *obj, Py_buffer *view, const char *what) {
-    if (PyObject_GetBuffer(obj, view, PyBUF_ND | PyBUF_FORMAT) < 0) return -1;
-    if (view->itemsize != 4 || view->ndim != 1 || view->format == NULL ||
-        !(strcmp(view->format, "I") == 0 || strcmp(view->format, "<I") == 0 ||
-          strcmp(view->format, "=I") == 0)) {
-        PyBuffer_Release(view);
-        PyErr_Format(PyExc_TypeError, "%s must be a contiguous array of uint32", what);
+        PyErr_Format(PyExc_TypeError, "%s must be a contiguous array of uint%d", what,
+                     (int)(size * 8));
         return -1;
     }
     return 0;
@@ -395,12 +387,12 @@ static PyObject *find_position(PyObject *module, PyObject *args) {
     unsigned long long h = PyLong_AsUnsignedLongLong(h_obj); /* not "K": it wraps */
     if (h == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     Py_buffer hv, pv, bv;
-    if (u64_buffer(hashes_obj, &hv, "hashes") < 0) return NULL;
-    if (u64_buffer(positions_obj, &pv, "positions") < 0) {
+    if (uint_buffer(hashes_obj, &hv, 8, "hashes") < 0) return NULL;
+    if (uint_buffer(positions_obj, &pv, 8, "positions") < 0) {
         PyBuffer_Release(&hv);
         return NULL;
     }
-    if (u32_buffer(buckets_obj, &bv, "buckets") < 0) {
+    if (uint_buffer(buckets_obj, &bv, 4, "buckets") < 0) {
         PyBuffer_Release(&hv);
         PyBuffer_Release(&pv);
         return NULL;

@@ -480,7 +480,7 @@ def test_build_refuses_bad_runs_and_recovers() -> None:
         b.build(iter([START, "x"]), START, table)  # type: ignore[arg-type]  # what is tested
 
     class Broken(Exception):
-        pass
+        """What the iterator raises."""
 
     def failing() -> Iterator[int]:
         yield START + 1
