@@ -7,16 +7,34 @@
  * sends. The Python in dmp/replica.py does the same and stays as the fallback; a property
  * test holds the two equal.
  *
+ * build_at: the same answer read from the bitmap's CRoaring structure directly, through the
+ * iterator functions pyroaring's own module exports (bind_roaring), 64 values a call
+ * instead of a Python int per value (docs/decisions/0013).
+ *
  * find_position: the id index's binary search (numpy arrays of uint64, by buffer), so a
  * miss does not pay numpy's per-call overhead twice.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <dlfcn.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 
 #define INACTIVE (1u << 30)
 #define MAX_SLOTS 4096
+
+/* CRoaring's 64-bit iterator API (roaring64.h, stable since CRoaring 4), as pyroaring's
+ * extension module exports it. Both types are opaque here: only pointers pass through. */
+typedef struct roaring64_bitmap_s roaring64_bitmap_t;
+typedef struct roaring64_iterator_s roaring64_iterator_t;
+static roaring64_iterator_t *(*r64_iterator_create)(const roaring64_bitmap_t *);
+static void (*r64_iterator_reinit)(const roaring64_bitmap_t *, roaring64_iterator_t *);
+static bool (*r64_iterator_move_equalorlarger)(roaring64_iterator_t *, uint64_t);
+static uint64_t (*r64_iterator_read)(roaring64_iterator_t *, uint64_t *, uint64_t);
+/* One iterator, re-pointed at each call's bitmap: every call holds the GIL throughout. */
+static roaring64_iterator_t *r64_iterator;
+#define READ_AT_ONCE 64
 
 enum { OP_REF = 0, OP_FALSE = 1, OP_NOT = 2, OP_AND = 3, OP_OR = 4, OP_SET = 5 };
 
@@ -241,25 +259,90 @@ static void sort_ranks(uint32_t *r, Py_ssize_t count) {
     }
 }
 
+/* Adds the slot's rank to the answer being built; -1 with an exception when the slot or its
+ * rank is out of range. */
+static int hold_slot(AnswerPlan *self, const uint32_t *slot_ranks, Py_ssize_t slots,
+                     uint64_t slot, Py_ssize_t *count) {
+    if (slot >= (uint64_t)slots) {
+        PyErr_SetString(PyExc_IndexError, "slot without a rank");
+        return -1;
+    }
+    uint32_t rank = slot_ranks[slot];
+    if (rank >= INACTIVE) return 0; /* paused or gone: never answered */
+    if ((Py_ssize_t)rank >= self->n) {
+        PyErr_SetString(PyExc_IndexError, "rank past the plan's segments");
+        return -1;
+    }
+    if (!self->held[rank]) {
+        self->held[rank] = 1;
+        self->ranks[(*count)++] = rank;
+    }
+    return 0;
+}
+
+/* The held base ranks -> (names, json): composites added, sorted, named. */
+static PyObject *finish_answer(AnswerPlan *self, Py_ssize_t count, Py_ssize_t *final_count) {
+    if (count) count = run_program(self, count); /* none held: no composite either */
+    *final_count = count;
+    sort_ranks(self->ranks, count);
+    PyObject *names = PyTuple_New(count);
+    if (names == NULL) return NULL;
+    Py_ssize_t size = 2 + (count ? count - 1 : 0);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name = self->names[self->ranks[i]];
+        Py_INCREF(name);
+        PyTuple_SET_ITEM(names, i, name);
+        size += PyBytes_GET_SIZE(self->encoded[self->ranks[i]]);
+    }
+    /* Strings only, so never in a cycle: untracked now, the cyclic collector never walks
+     * the answer cache's tuples (a young collection walking ~25,000 fresh ones of ~47
+     * names each stalled the loop ~40 ms). CPython untracks such tuples itself, but only
+     * when a collection first visits them. */
+    if (PyObject_GC_IsTracked(names)) PyObject_GC_UnTrack(names);
+    PyObject *json = PyBytes_FromStringAndSize(NULL, size);
+    if (json == NULL) {
+        Py_DECREF(names);
+        return NULL;
+    }
+    char *out = PyBytes_AS_STRING(json);
+    *out++ = '[';
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *enc = self->encoded[self->ranks[i]];
+        if (i) *out++ = ',';
+        memcpy(out, PyBytes_AS_STRING(enc), (size_t)PyBytes_GET_SIZE(enc));
+        out += PyBytes_GET_SIZE(enc);
+    }
+    *out = ']';
+    PyObject *result = PyTuple_Pack(2, names, json);
+    Py_DECREF(names);
+    Py_DECREF(json);
+    return result;
+}
+
+/* The checks both builds share; 0 when the builder may run. */
+static int ready_to_build(AnswerPlan *self, PyObject *start_obj, unsigned long long *start) {
+    /* Not "K", which wraps negative and oversized ints silently. */
+    *start = PyLong_AsUnsignedLongLong(start_obj);
+    if (*start == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if (self->names == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "AnswerBuilder not initialised");
+        return -1;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "AnswerBuilder.build re-entered");
+        return -1;
+    }
+    return 0;
+}
+
 /* build(values, start, slot_ranks) -> (names, json): see the module comment. */
 static PyObject *plan_build(AnswerPlan *self, PyObject *args) {
     PyObject *values, *start_obj;
     Py_buffer table;
+    unsigned long long start;
     if (!PyArg_ParseTuple(args, "OOy*", &values, &start_obj, &table)) return NULL;
-    /* Not "K", which wraps negative and oversized ints silently. */
-    unsigned long long start = PyLong_AsUnsignedLongLong(start_obj);
-    if (start == (unsigned long long)-1 && PyErr_Occurred()) {
+    if (ready_to_build(self, start_obj, &start) < 0) {
         PyBuffer_Release(&table);
-        return NULL;
-    }
-    if (self->names == NULL) {
-        PyBuffer_Release(&table);
-        PyErr_SetString(PyExc_RuntimeError, "AnswerBuilder not initialised");
-        return NULL;
-    }
-    if (self->busy) {
-        PyBuffer_Release(&table);
-        PyErr_SetString(PyExc_RuntimeError, "AnswerBuilder.build re-entered");
         return NULL;
     }
     const uint32_t *slot_ranks = (const uint32_t *)table.buf;
@@ -282,56 +365,10 @@ static PyObject *plan_build(AnswerPlan *self, PyObject *args) {
             goto fail;
         }
         if (v - start >= MAX_SLOTS) break; /* the next cookie's run */
-        Py_ssize_t slot = (Py_ssize_t)(v - start);
-        if (slot >= slots) {
-            PyErr_SetString(PyExc_IndexError, "slot without a rank");
-            goto fail;
-        }
-        uint32_t rank = slot_ranks[slot];
-        if (rank >= INACTIVE) continue; /* paused or gone: never answered */
-        if ((Py_ssize_t)rank >= self->n) {
-            PyErr_SetString(PyExc_IndexError, "rank past the plan's segments");
-            goto fail;
-        }
-        if (!self->held[rank]) {
-            self->held[rank] = 1;
-            self->ranks[count++] = rank;
-        }
+        if (hold_slot(self, slot_ranks, slots, v - start, &count) < 0) goto fail;
     }
     if (PyErr_Occurred()) goto fail;
-    if (count) count = run_program(self, count); /* none held: no composite either */
-    sort_ranks(self->ranks, count);
-    PyObject *names = PyTuple_New(count);
-    if (names == NULL) goto fail;
-    Py_ssize_t size = 2 + (count ? count - 1 : 0);
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *name = self->names[self->ranks[i]];
-        Py_INCREF(name);
-        PyTuple_SET_ITEM(names, i, name);
-        size += PyBytes_GET_SIZE(self->encoded[self->ranks[i]]);
-    }
-    /* Strings only, so never in a cycle: untracked now, the cyclic collector never walks
-     * the answer cache's tuples (a young collection walking ~25,000 fresh ones of ~47
-     * names each stalled the loop ~40 ms). CPython untracks such tuples itself, but only
-     * when a collection first visits them. */
-    if (PyObject_GC_IsTracked(names)) PyObject_GC_UnTrack(names);
-    PyObject *json = PyBytes_FromStringAndSize(NULL, size);
-    if (json == NULL) {
-        Py_DECREF(names);
-        goto fail;
-    }
-    char *out = PyBytes_AS_STRING(json);
-    *out++ = '[';
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *enc = self->encoded[self->ranks[i]];
-        if (i) *out++ = ',';
-        memcpy(out, PyBytes_AS_STRING(enc), (size_t)PyBytes_GET_SIZE(enc));
-        out += PyBytes_GET_SIZE(enc);
-    }
-    *out = ']';
-    result = PyTuple_Pack(2, names, json);
-    Py_DECREF(names);
-    Py_DECREF(json);
+    result = finish_answer(self, count, &count);
 fail:
     for (Py_ssize_t i = 0; i < count; i++) self->held[self->ranks[i]] = 0;
     self->busy = 0;
@@ -340,9 +377,69 @@ fail:
     return result;
 }
 
+/* build_at(bitmap_pointer, start, slot_ranks) -> (names, json): as build, reading the
+ * BitMap64 at ``bitmap_pointer`` (its ``raw_pointer``, alive for the call) directly. */
+static PyObject *plan_build_at(AnswerPlan *self, PyObject *args) {
+    PyObject *pointer_obj, *start_obj;
+    Py_buffer table;
+    unsigned long long start;
+    if (!PyArg_ParseTuple(args, "OOy*", &pointer_obj, &start_obj, &table)) return NULL;
+    if (ready_to_build(self, start_obj, &start) < 0) {
+        PyBuffer_Release(&table);
+        return NULL;
+    }
+    void *pointer = PyLong_AsVoidPtr(pointer_obj);
+    if (pointer == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "null bitmap pointer");
+        PyBuffer_Release(&table);
+        return NULL;
+    }
+    if (r64_iterator_read == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "CRoaring is not bound (bind_roaring)");
+        PyBuffer_Release(&table);
+        return NULL;
+    }
+    const roaring64_bitmap_t *bitmap = (const roaring64_bitmap_t *)pointer;
+    if (r64_iterator == NULL) {
+        r64_iterator = r64_iterator_create(bitmap);
+        if (r64_iterator == NULL) {
+            PyBuffer_Release(&table);
+            return PyErr_NoMemory();
+        }
+    } else {
+        r64_iterator_reinit(bitmap, r64_iterator);
+    }
+    const uint32_t *slot_ranks = (const uint32_t *)table.buf;
+    Py_ssize_t slots = table.len / (Py_ssize_t)sizeof(uint32_t);
+    self->busy = 1;
+    Py_ssize_t count = 0;
+    PyObject *result = NULL;
+    if (r64_iterator_move_equalorlarger(r64_iterator, start)) {
+        uint64_t values[READ_AT_ONCE];
+        for (;;) {
+            uint64_t got = r64_iterator_read(r64_iterator, values, READ_AT_ONCE);
+            for (uint64_t i = 0; i < got; i++) {
+                if (values[i] - start >= MAX_SLOTS) goto read; /* the next cookie's run */
+                if (hold_slot(self, slot_ranks, slots, values[i] - start, &count) < 0)
+                    goto fail;
+            }
+            if (got < READ_AT_ONCE) break; /* the bitmap's end */
+        }
+    }
+read:
+    result = finish_answer(self, count, &count);
+fail:
+    for (Py_ssize_t i = 0; i < count; i++) self->held[self->ranks[i]] = 0;
+    self->busy = 0;
+    PyBuffer_Release(&table);
+    return result;
+}
+
 static PyMethodDef plan_methods[] = {
     {"build", (PyCFunction)plan_build, METH_VARARGS,
      "build(values, start, slot_ranks) -> (names, json): one cookie's answer."},
+    {"build_at", (PyCFunction)plan_build_at, METH_VARARGS,
+     "build_at(bitmap_pointer, start, slot_ranks) -> (names, json): build, read in C."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -437,7 +534,33 @@ done:
     return result;
 }
 
+/* bind_roaring(path) -> bool: find CRoaring's iterator functions in pyroaring's extension
+ * module at ``path``, already loaded (RTLD_NOLOAD: never a second copy). False when any is
+ * missing: build_at is then unusable and dmp/answer_build.py keeps to build. */
+static PyObject *bind_roaring(PyObject *module, PyObject *args) {
+    const char *path;
+    if (!PyArg_ParseTuple(args, "s", &path)) return NULL;
+    void *handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    if (handle == NULL) Py_RETURN_FALSE;
+    void *create = dlsym(handle, "roaring64_iterator_create");
+    void *reinit = dlsym(handle, "roaring64_iterator_reinit");
+    void *move = dlsym(handle, "roaring64_iterator_move_equalorlarger");
+    void *read = dlsym(handle, "roaring64_iterator_read");
+    if (!create || !reinit || !move || !read) {
+        dlclose(handle);
+        Py_RETURN_FALSE;
+    }
+    /* The handle stays open: the functions must outlive this call. */
+    *(void **)&r64_iterator_create = create;
+    *(void **)&r64_iterator_reinit = reinit;
+    *(void **)&r64_iterator_move_equalorlarger = move;
+    *(void **)&r64_iterator_read = read;
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"bind_roaring", bind_roaring, METH_VARARGS,
+     "bind_roaring(path) -> bool: use CRoaring from pyroaring's module at path."},
     {"find_position", find_position, METH_VARARGS,
      "find_position(hashes, positions, buckets, shift, h) -> position or None."},
     {NULL, NULL, 0, NULL},

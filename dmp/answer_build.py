@@ -4,7 +4,9 @@ A cache-missing lookup reads the cookie's run of the user-major index, maps slot
 adds the composites the ranks satisfy, sorts and names them. In Python that was ~12 us
 (hundreds of operations on ints spread over memory); the C builder does the same from the
 same pyroaring iterator in a few, and writes the JSON array the lookup sends while it is at
-it (docs/decisions/0012). Without the extension, dmp/replica.py's Python answers alone.
+it (docs/decisions/0012). ``build_at`` reads the bitmap through CRoaring's own iterator
+instead, 64 values a call (docs/decisions/0013), when pyroaring's module exports it.
+Without the extension, dmp/replica.py's Python answers alone.
 
 Composites become a small stack program: ``REF r`` (is rank r held), ``FALSE`` (a
 reference to a segment that is not active), ``NOT``, ``AND n`` / ``OR n`` (of the top n),
@@ -16,6 +18,9 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
+
+import pyroaring
+from pyroaring import BitMap64
 
 from segment_rules.model import All, Composite, Not, Segment, SegmentRef
 
@@ -30,11 +35,13 @@ try:
         OP_REF,
         OP_SET,
         AnswerBuilder,
+        bind_roaring,
         find_position,
     )
 except ImportError:  # not built (pip install -e . builds it): the Python answers alone
     AnswerBuilder = None  # type: ignore[assignment,misc]  # a class when built, else None
     find_position = None  # type: ignore[assignment]  # a function when built, else None
+    bind_roaring = None  # type: ignore[assignment]  # a function when built, else None
     OP_REF, OP_FALSE, OP_NOT, OP_AND, OP_OR, OP_SET = range(6)
     MAX_SLOTS = INACTIVE = 0
 
@@ -45,11 +52,28 @@ __all__ = [
     "composite_program",
     "find_position",
     "rank_table",
+    "reads_bitmaps",
 ]
 
 
 def available() -> bool:
     return AnswerBuilder is not None
+
+
+def _bind_roaring() -> bool:
+    """Whether ``AnswerBuilder.build_at`` may read BitMap64s: pyroaring gives their address
+    (``raw_pointer``, pyroaring 1.2) and its module exports CRoaring's iterator."""
+    if bind_roaring is None or not hasattr(BitMap64, "raw_pointer"):
+        return False
+    path = getattr(pyroaring, "__file__", None)
+    return path is not None and bind_roaring(path)
+
+
+READS_BITMAPS = _bind_roaring()
+
+
+def reads_bitmaps() -> bool:
+    return READS_BITMAPS
 
 
 def check_limits(max_slots: int, inactive: int) -> None:

@@ -28,6 +28,7 @@ from dmp.redis_client import connect
 from dmp.replica import Replica
 from dmp.rule_versions import RuleVersions, RuleWatcher
 from dmp.shards import parse_shard
+from dmp.wire_response import WireResponse
 from segment_rules import CompiledRules
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def user_segments_handler(app: web.Application) -> SyncHandler:
     settings, replica = app[SETTINGS], app[REPLICA]
     keyed = settings.security.lookup_auth == "key"
 
-    def user_segments(request: web.Request) -> web.Response:
+    def user_segments(request: web.Request) -> web.StreamResponse:
         # The path has the route's shape (the router or dispatch checked): the uid is the
         # middle, decoded as match_info would have it (a %2F in it is a '/').
         uid = uid_of(request.path)
@@ -168,7 +169,9 @@ def user_segments_handler(app: web.Application) -> SyncHandler:
             granted = profile.granted_segments
             segments = [s for s in replica.segments(uid) if s in granted]
             body = orjson.dumps({"uid": uid, "segments": segments})
-        return web.Response(body=body, content_type="application/json")
+        if request.method == "GET":
+            return WireResponse(body)  # status line, headers and body in one write
+        return web.Response(body=body, content_type="application/json")  # HEAD: no body
 
     return user_segments
 

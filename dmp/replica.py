@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +29,7 @@ from dmp.answer_build import (
     composite_program,
     find_position,
     rank_table,
+    reads_bitmaps,
 )
 from dmp.ids import LOCAL_BITS, uid_hash
 from dmp.shards import Shard
@@ -152,6 +154,8 @@ class PartitionIndex:
     _ranks: list[int] = field(default_factory=list, init=False, repr=False)
     _rank_table: bytes = field(default=b"", init=False, repr=False)
     _ranks_plan: AnswerPlan | None = field(default=None, init=False, repr=False)
+    # The C builder reads the BitMap64 itself, not through pyroaring's iterator (0013).
+    _direct: ClassVar[bool] = reads_bitmaps()
 
     def slot(self, segment_id: str) -> int:
         slot = self.slots.get(segment_id)
@@ -165,10 +169,23 @@ class PartitionIndex:
 
     def add_bulk(self, segment_id: str, locals_: Sequence[int] | npt.NDArray[np.uint32]) -> None:
         """Load-time add of positions known to be new (from a bitmap chunk)."""
-        slot = np.uint64(self.slot(segment_id))
-        values = (np.asarray(locals_, dtype=np.uint64) << np.uint64(SLOT_BITS)) | slot
-        self.index.update(values)
-        self.populations[segment_id] = self.populations.get(segment_id, 0) + len(values)
+        self.add_chunk([(segment_id, np.asarray(locals_, dtype=np.uint32))])
+
+    def add_chunk(self, members: Iterable[tuple[str, npt.NDArray[np.uint32]]]) -> None:
+        """Load-time add of memberships known to be new: every segment's locals of one
+        chunk, say. Sorted first, so the bitmap is built in order, appended to rather than
+        inserted into, and handed over as one buffer, not a Python int per value
+        (docs/decisions/0013)."""
+        parts = []
+        for segment_id, locals_ in members:
+            slot = np.uint64(self.slot(segment_id))
+            parts.append((locals_.astype(np.uint64) << np.uint64(SLOT_BITS)) | slot)
+            self.populations[segment_id] = self.populations.get(segment_id, 0) + len(locals_)
+        if not parts:
+            return
+        values = np.concatenate(parts)
+        values.sort(kind="stable")  # one sorted run per segment: merged, not re-sorted
+        self.index.update(array("Q", values.tobytes()))
 
     def add(self, segment_id: str, locals_: Iterable[int]) -> list[int]:
         """Add memberships; returns the locals that were not members yet."""
@@ -213,6 +230,8 @@ class PartitionIndex:
             return names, orjson.dumps(names)
         self._ranks_for(plan)
         start = local << SLOT_BITS
+        if self._direct:
+            return builder.build_at(self.index.raw_pointer, start, self._rank_table)
         return builder.build(self.index.iter_equal_or_larger(start), start, self._rank_table)
 
     def ranks_at(self, local: int, plan: AnswerPlan) -> list[int]:

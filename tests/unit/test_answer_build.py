@@ -619,3 +619,73 @@ def test_out_of_range_integers_are_refused_not_wrapped() -> None:
 def test_the_extension_is_built_where_the_tests_run() -> None:
     # deploy/install.sh builds it; a silent fallback would make the lookup slow, not wrong.
     assert answer_build.available()
+
+
+# -- build_at: CRoaring read directly (docs/decisions/0013) --------------------------------
+
+
+def needs_direct_read() -> None:
+    needs_extension()
+    if not answer_build.reads_bitmaps():
+        pytest.skip("pyroaring exports no CRoaring iterator here")
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.integers(0, MAX_SLOTS - 1)), max_size=600),
+    st.integers(0, 6),
+)
+@PROPERTY
+def test_build_at_reads_what_the_iterator_reads(members: list[tuple[int, int]], local: int) -> None:
+    """Six cookies sharing up to 600 memberships: runs of over 64 values (several reads),
+    and neighbours on both sides whose values must not leak into the answer."""
+    needs_direct_read()
+    from pyroaring import BitMap64
+
+    names = [f"n{i}" for i in range(MAX_SLOTS)]
+    # Every slot active, in reverse order, and every eighth inactive.
+    table = rank_table([INACTIVE if s % 8 == 7 else MAX_SLOTS - 1 - s for s in range(MAX_SLOTS)])
+    index = BitMap64(loc << 12 | slot for loc, slot in members)
+    b = builder(names, program(OP_REF, 0, OP_REF, 1, OP_OR, 2, OP_SET, 2))
+    start = local << 12
+    want = b.build(index.iter_equal_or_larger(start), start, table)
+    assert b.build_at(index.raw_pointer, start, table) == want
+
+
+def test_build_at_on_a_full_run_and_on_empty_bitmaps() -> None:
+    needs_direct_read()
+    from pyroaring import BitMap64
+
+    names = [f"n{i}" for i in range(MAX_SLOTS)]
+    table = rank_table(list(range(MAX_SLOTS)))
+    b = builder(names)
+    full = BitMap64(range(START, START + MAX_SLOTS + 3))  # and the next cookie's first three
+    got_names, body = b.build_at(full.raw_pointer, START, table)
+    assert list(got_names) == names
+    assert body == orjson.dumps(names)
+    assert b.build_at(BitMap64().raw_pointer, START, table) == ((), b"[]")
+    assert b.build_at(BitMap64([1, 2]).raw_pointer, START, table) == ((), b"[]")  # all before
+
+
+def test_build_at_refuses_bad_arguments_and_recovers() -> None:
+    needs_direct_read()
+    from pyroaring import BitMap64
+
+    b = builder(prog=program(OP_REF, 0, OP_REF, 1, OP_NOT, OP_AND, 2, OP_SET, 3))
+    table = rank_table([0, 1, 2])
+    index = BitMap64([START, START + 3])
+    with pytest.raises(IndexError, match="slot"):
+        b.build_at(index.raw_pointer, START, table)  # slot 3: past the rank table
+    with pytest.raises(ValueError, match="null"):
+        b.build_at(0, START, table)
+    with pytest.raises(OverflowError):
+        b.build_at(index.raw_pointer, -1, table)
+    # Nothing stale after the failures: s3 = s0 and not s1.
+    assert b.build_at(BitMap64([START]).raw_pointer, START, table) == (
+        ("s0", "s3"),
+        b'["s0","s3"]',
+    )
+
+
+def test_pyroaring_is_read_directly_where_the_tests_run() -> None:
+    # pyroaring 1.2 here exports CRoaring's iterator; losing it would slow misses, silently.
+    assert answer_build.reads_bitmaps()
