@@ -50,9 +50,16 @@ class WireResponse(web.StreamResponse):
     ``headers`` (none to read), ``keep_alive`` once prepared.
     """
 
-    def __init__(self, body: bytes) -> None:  # no super().__init__: nothing of it is used
+    def __init__(self, body: bytes) -> None:
+        # Not super().__init__(): its headers and writer state are what this skips. The
+        # mapping's storage is kept, so the response stays usable as the mapping it is.
+        self._state = {}
         self._wire_body = body
         self._wire_keep_alive: bool | None = None
+
+    def __repr__(self) -> str:
+        info = "sent" if self.prepared else "not prepared"
+        return f"<WireResponse 200 {len(self._wire_body)} bytes, {info}>"
 
     @property
     def status(self) -> int:

@@ -109,6 +109,9 @@ async def test_the_same_bytes_as_aiohttps_response(
 
 def test_what_the_request_handler_reads_before_prepare() -> None:
     response = WireResponse(b"{}")
+    assert repr(response) == "<WireResponse 200 2 bytes, not prepared>"
+    assert len(response) == 0
+    assert response  # a mapping, but true when empty, as aiohttp's responses are
     assert not response.prepared
     assert response.keep_alive is None
     assert response.status == 200
