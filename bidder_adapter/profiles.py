@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
 from types import MappingProxyType
 from typing import Final, Literal, cast
 from urllib.parse import urlsplit
@@ -36,6 +38,10 @@ def hash_api_key(key: str) -> str:
     """Hex SHA-256 of an API key, the only form in which keys are stored."""
     # surrogatepass: a presented key is caller-controlled text and must never make us raise.
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# The place of every segment not granted, in PartnerProfile.view: after all the others.
+_UNGRANTED = sys.maxsize
 
 
 class PartnerProfileError(ValueError):
@@ -76,6 +82,11 @@ class PartnerProfile:
     # Prebid bidder code whose ortb2 fragment carries this partner's view; empty: none.
     prebid_bidder: str = ""
     destination: DestinationConfig | None = None
+    # What ``view`` needs, worked out once (it runs per user at bid time): each granted id's
+    # place in sorted order, the partner's id at each place, and whether those are distinct.
+    _view_places: Mapping[str, int] = field(init=False, repr=False, compare=False, hash=False)
+    _view_ids: tuple[str, ...] = field(init=False, repr=False, compare=False, hash=False)
+    _view_distinct: bool = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         # Copy behind a read-only proxy so a caller's dict cannot change a "frozen" profile later.
@@ -83,6 +94,11 @@ class PartnerProfile:
         problems = list(self._problems())
         if problems:
             raise PartnerProfileError(problems, f"partner {self.partner_id!r}")
+        ours = sorted(self.granted_segments)
+        theirs = tuple(self.segment_id_map.get(s, s) for s in ours)
+        object.__setattr__(self, "_view_places", {s: n for n, s in enumerate(ours)})
+        object.__setattr__(self, "_view_ids", theirs)
+        object.__setattr__(self, "_view_distinct", len(set(theirs)) == len(theirs))
 
     def _problems(self) -> Iterator[str]:
         for name in ("partner_id", "data_provider_id", "data_provider_name"):
@@ -142,10 +158,19 @@ class PartnerProfile:
         Sorted by our id so answers are stable across calls, then capped at `max_segments`.
         Two of our segments mapped to one partner id are sent once.
         """
+        # Places are ints: sorting them is the sort by our id, without comparing strings,
+        # and every loop runs in C, an ungranted id mapped to one place past all the others
+        # (this method was over half of a batch lookup's CPU: decision 0013).
+        found = sorted(set(map(self._view_places.get, segment_ids, repeat(_UNGRANTED))))
+        if found and found[-1] == _UNGRANTED:
+            found.pop()
+        ids = self._view_ids
+        if self._view_distinct:
+            return [ids[n] for n in found[: self.max_segments]]
         result: list[str] = []
         sent: set[str] = set()
-        for ours in sorted(self.granted_segments.intersection(segment_ids)):
-            theirs = self.segment_id_map.get(ours, ours)
+        for n in found:
+            theirs = ids[n]
             if theirs in sent:
                 continue
             sent.add(theirs)

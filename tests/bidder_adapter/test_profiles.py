@@ -6,8 +6,11 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bidder_adapter.profiles import (
+    PartnerProfile,
     PartnerProfileError,
     PartnerProfiles,
     hash_api_key,
@@ -236,3 +239,37 @@ def test_view_deduplicates() -> None:
 def test_view_of_nothing_granted() -> None:
     assert PROFILE.view([]) == []
     assert PROFILE.view(["999"]) == []
+
+
+def reference_view(profile: PartnerProfile, segment_ids: list[str]) -> list[str]:
+    """The view as its docstring says it, plainly: what the precomputed places must equal."""
+    result: list[str] = []
+    for ours in sorted(profile.granted_segments.intersection(segment_ids)):
+        theirs = profile.segment_id_map.get(ours, ours)
+        if theirs not in result and len(result) < profile.max_segments:
+            result.append(theirs)
+    return result
+
+
+IDS = st.sampled_from([f"{n}" for n in range(12)] + ["a", "B", "z9", "10a"])
+
+
+@given(
+    granted=st.frozensets(IDS, max_size=14),
+    mapping=st.dictionaries(IDS, st.sampled_from(["x", "y", "1", "a", "q"]), max_size=6),
+    asked=st.lists(IDS, max_size=20),
+    cap=st.integers(1, 15),
+)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+def test_view_equals_the_plain_definition(
+    granted: frozenset[str], mapping: dict[str, str], asked: list[str], cap: int
+) -> None:
+    """Random grants, maps that send two of ours to one id (or onto another granted id),
+    repeated and ungranted asks, every cap."""
+    profile = dataclasses.replace(
+        PROFILE,
+        granted_segments=granted,
+        segment_id_map={k: v for k, v in mapping.items() if k in granted},
+        max_segments=cap,
+    )
+    assert profile.view(asked) == reference_view(profile, asked)
