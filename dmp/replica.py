@@ -176,16 +176,39 @@ class PartitionIndex:
         chunk, say. Sorted first, so the bitmap is built in order, appended to rather than
         inserted into, and handed over as one buffer, not a Python int per value
         (docs/decisions/0013)."""
-        parts = []
+        slots, arrays = [], []
         for segment_id, locals_ in members:
-            slot = np.uint64(self.slot(segment_id))
-            parts.append((locals_.astype(np.uint64) << np.uint64(SLOT_BITS)) | slot)
-            self.populations[segment_id] = self.populations.get(segment_id, 0) + len(locals_)
-        if not parts:
+            slot = self.slot(segment_id)
+            if len(locals_):
+                slots.append(slot)
+                arrays.append(locals_)
+                self.populations[segment_id] = self.populations.get(segment_id, 0) + len(locals_)
+        if not arrays:
             return
-        values = np.concatenate(parts)
-        values.sort(kind="stable")  # one sorted run per segment: merged, not re-sorted
-        self.index.update(array("Q", values.tobytes()))
+        low = min(int(a.min()) for a in arrays)
+        high = max(int(a.max()) for a in arrays)
+        if high - low < 1 << (32 - SLOT_BITS):
+            # One chunk's values, relative to its first cookie, fit in 32 bits: half the
+            # bytes to sort (numpy's sort of unique values, 2x faster than the 64-bit one).
+            rel = np.concatenate(
+                [
+                    ((a - low).astype(np.uint32) << SLOT_BITS) | slot
+                    for a, slot in zip(arrays, slots, strict=True)
+                ]
+            )
+            rel.sort()
+            values = rel.astype(np.uint64) + np.uint64(low << SLOT_BITS)
+        else:
+            values = np.concatenate(
+                [
+                    (a.astype(np.uint64) << np.uint64(SLOT_BITS)) | np.uint64(slot)
+                    for a, slot in zip(arrays, slots, strict=True)
+                ]
+            )
+            values.sort()
+        buffer = array("Q")
+        buffer.frombytes(values.data.cast("B"))  # one copy; read by pyroaring in one call
+        self.index.update(buffer)
 
     def add(self, segment_id: str, locals_: Iterable[int]) -> list[int]:
         """Add memberships; returns the locals that were not members yet."""

@@ -147,3 +147,35 @@ def test_new_ids_are_merged_into_the_sorted_arrays(monkeypatch: pytest.MonkeyPat
     expected = {f"u{n}": n for n in range(10)} | {"u3": 42, "late": 99, "old": 7}
     assert {uid: ids.get(uid_hash(uid)) for uid in expected} == expected
     assert ids.get(uid_hash("never")) is None
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.sets(st.integers(0, 300), max_size=40)),
+        max_size=6,
+    ),
+    st.sampled_from([0, 65_536, 1 << 20, 1 << 31]),
+    st.booleans(),
+)
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+def test_add_chunk_equals_adding_one_membership_at_a_time(
+    members: list[tuple[str, set[int]]], base: int, spread: bool
+) -> None:
+    """A chunk's bulk add (32-bit relative sort, or 64-bit when the locals span more than
+    2**20) gives the bitmap, slots and populations that single adds give."""
+    from dmp.replica import PartitionIndex
+
+    def locals_of(values: set[int], n: int) -> np.ndarray:
+        far = (1 << 21) * n if spread else 0  # segments far apart: the 64-bit path
+        return np.array(sorted(base + far + v for v in values), dtype=np.uint32)
+
+    bulk, single = PartitionIndex(), PartitionIndex()
+    # One segment's bitmap at most once per chunk, as the loader reads them.
+    chunk = list({seg: values for seg, values in members}.items())
+    bulk.add_chunk([(seg, locals_of(values, n)) for n, (seg, values) in enumerate(chunk)])
+    for n, (seg, values) in enumerate(chunk):
+        single.slot(seg)
+        single.add(seg, [int(v) for v in locals_of(values, n)])
+    assert list(bulk.index) == list(single.index)
+    assert bulk.slot_names == single.slot_names
+    assert bulk.populations == {s: p for s, p in single.populations.items() if p}
