@@ -26,7 +26,9 @@ ID_TYPES: Final[tuple[IdType, ...]] = ("cookie", "buyeruid")
 
 
 class SegmentSource(Protocol):
-    def segments(self, uid: str) -> list[str]: ...
+    def segments(self, uid: str) -> list[str]:
+        """The cookie's segments, each once."""
+        ...
 
 
 class MatchResolver(Protocol):
@@ -107,7 +109,7 @@ class Answerer:
         """The partner's ids for the user's granted segments (capped, stable order)."""
         if cookie_id is None:
             return []
-        return profile.view(self.replica.segments(cookie_id))
+        return profile.view(self.replica.segments(cookie_id), distinct=True)
 
     def decide(
         self,
@@ -126,7 +128,7 @@ class Answerer:
         found = self.find(profile, find_user_ids(request), first_party)
         if found.cookie_id is None:
             return Decision("no_user", found=found)
-        theirs = profile.view(found.segments)
+        theirs = profile.view(found.segments, distinct=True)
         if not theirs:
             return Decision("no_segments", found=found)
         return Decision("enriched", build_data_object(profile, theirs), found)

@@ -273,3 +273,5 @@ def test_view_equals_the_plain_definition(
         max_segments=cap,
     )
     assert profile.view(asked) == reference_view(profile, asked)
+    once = list(dict.fromkeys(asked))  # as a segment source answers: each id once
+    assert profile.view(once, distinct=True) == reference_view(profile, once)
