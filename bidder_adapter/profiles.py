@@ -158,7 +158,8 @@ class PartnerProfile:
 
         Sorted by our id so answers are stable across calls, then capped at `max_segments`.
         Two of our segments mapped to one partner id are sent once. ``distinct``: the
-        caller's ids have no repeats (a segment source's answer), so none are dropped here.
+        caller's ids have no repeats (a segment source's answer), so none are dropped here;
+        an id repeated anyway would be sent twice.
         """
         # Places are ints: sorting them is the sort by our id, without comparing strings,
         # and every loop runs in C, an ungranted id mapped to one place past all the others

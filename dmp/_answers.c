@@ -550,6 +550,12 @@ static PyObject *bind_roaring(PyObject *module, PyObject *args) {
         dlclose(handle);
         Py_RETURN_FALSE;
     }
+    if (r64_iterator_read != NULL) {
+        /* Bound already: the shared iterator belongs to that CRoaring; never mix copies. */
+        int same = *(void **)&r64_iterator_read == read;
+        dlclose(handle);
+        return PyBool_FromLong(same);
+    }
     /* The handle stays open: the functions must outlive this call. */
     *(void **)&r64_iterator_create = create;
     *(void **)&r64_iterator_reinit = reinit;

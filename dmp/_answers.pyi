@@ -15,6 +15,7 @@ class AnswerBuilder:
     def build(
         self, values: Iterable[int], start: int, slot_ranks: bytes
     ) -> tuple[tuple[str, ...], bytes]: ...
+    # Internal: bitmap_pointer must be a live BitMap64's raw_pointer (any other int crashes).
     def build_at(
         self, bitmap_pointer: int, start: int, slot_ranks: bytes
     ) -> tuple[tuple[str, ...], bytes]: ...

@@ -63,6 +63,7 @@ def create_lookup_app(
         shard=parse_shard(settings.lookup.shard, settings.kafka.partitions),
     )
     app.cleanup_ctx.append(_follow_changes)
+    app.on_startup.append(_refuse_response_signals)
     hot = routes.add_get("/v1/users/{uid}/segments", user_segments_handler(app))
     app[HOT_ROUTE] = hot.handler
     routes.add_get("/healthz", healthz)
@@ -73,6 +74,13 @@ def create_lookup_app(
     setup_admin_routes(routes)
     setup_partner_routes(app, routes, settings, app[REPLICA], app[METRICS].registry)
     return app
+
+
+async def _refuse_response_signals(app: web.Application) -> None:
+    """The bid-time answer (dmp/wire_response.py) runs no ``on_response_prepare`` signal:
+    an app with one is refused when it starts, not silently bypassed."""
+    if app.on_response_prepare:
+        raise RuntimeError("the lookup app answers without on_response_prepare signals")
 
 
 async def _follow_changes(app: web.Application) -> AsyncIterator[None]:

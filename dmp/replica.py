@@ -207,7 +207,7 @@ class PartitionIndex:
             )
             values.sort()
         buffer = array("Q")
-        buffer.frombytes(values.data.cast("B"))  # one copy; read by pyroaring in one call
+        buffer.frombytes(values.data.cast("B"))  # pyroaring reads an array('Q') in one call
         self.index.update(buffer)
 
     def add(self, segment_id: str, locals_: Iterable[int]) -> list[int]:

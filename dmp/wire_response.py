@@ -19,8 +19,6 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 
-# A transport holding more than this unsent waits for the client, as aiohttp's writer does.
-DRAIN_ABOVE = 2**16
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 
@@ -47,7 +45,9 @@ class WireResponse(web.StreamResponse):
     """A 200 ``application/json`` response to a GET; ``prepare`` sends all of it.
 
     Only what aiohttp's request handler and dmp.observed_routes read is kept: ``status``,
-    ``headers`` (none to read), ``keep_alive`` once prepared.
+    ``headers`` (none to read), ``keep_alive`` once prepared, ``body_length`` (access
+    logs), ``force_close``. It runs no ``on_response_prepare`` signals: the lookup app
+    refuses them at start-up (dmp.lookup), as ``serve_first`` does.
     """
 
     def __init__(self, body: bytes) -> None:
@@ -56,6 +56,8 @@ class WireResponse(web.StreamResponse):
         self._state = {}
         self._wire_body = body
         self._wire_keep_alive: bool | None = None
+        self._wire_close = False
+        self._body_length = len(body)
 
     def __repr__(self) -> str:
         info = "sent" if self.prepared else "not prepared"
@@ -77,6 +79,9 @@ class WireResponse(web.StreamResponse):
     def prepared(self) -> bool:
         return self._wire_keep_alive is not None
 
+    def force_close(self) -> None:
+        self._wire_close = True
+
     async def prepare(self, request: web.BaseRequest) -> None:
         if self._wire_keep_alive is not None:
             return
@@ -85,7 +90,7 @@ class WireResponse(web.StreamResponse):
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("Cannot write to closing transport")
-        keep_alive = request.keep_alive
+        keep_alive = request.keep_alive and not self._wire_close
         self._wire_keep_alive = keep_alive
         version = request.version
         body = self._wire_body
@@ -112,7 +117,8 @@ class WireResponse(web.StreamResponse):
                 )
             )
         )
-        if transport.get_write_buffer_size() > DRAIN_ABOVE:
+        # Over the transport's high-water mark (a slow reader): wait, as aiohttp's writer does.
+        if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
             await request.writer.drain()
 
     async def write_eof(self, data: bytes = b"") -> None:

@@ -200,9 +200,13 @@ def answers(replica: Replica, uid: str, json_first: bool) -> tuple[list[str], by
     """segments, the document asked twice, of one cookie (document or segments first)."""
     if json_first:
         document, again = replica.document(uid), replica.document(uid)
-        return replica.segments(uid), again, document
-    names = replica.segments(uid)
-    return names, replica.document(uid), replica.document(uid)
+        names = replica.segments(uid)
+    else:
+        names = replica.segments(uid)
+        document, again = replica.document(uid), replica.document(uid)
+    # Each segment once: the partner view relies on it (PartnerProfile.view, distinct=True).
+    assert len(set(names)) == len(names), names
+    return names, again, document
 
 
 @PROPERTY
@@ -689,3 +693,9 @@ def test_build_at_refuses_bad_arguments_and_recovers() -> None:
 def test_pyroaring_is_read_directly_where_the_tests_run() -> None:
     # pyroaring 1.2 here exports CRoaring's iterator; losing it would slow misses, silently.
     assert answer_build.reads_bitmaps()
+    # Binding again is harmless with the same module, refused with any other.
+    import pyroaring
+
+    assert answer_build.bind_roaring is not None
+    assert answer_build.bind_roaring(str(pyroaring.__file__))
+    assert not answer_build.bind_roaring("/nonexistent/pyroaring.so")

@@ -36,9 +36,15 @@ def app_answering(make: Callable[[bytes], web.StreamResponse]) -> web.Applicatio
     async def answer(request: web.Request) -> web.StreamResponse:
         return make(BODIES[request.path])
 
+    async def closing(request: web.Request) -> web.StreamResponse:
+        response = make(BODIES["/small"])
+        response.force_close()
+        return response
+
     app = web.Application()
     for path in BODIES:
         app.router.add_get(path, answer)
+    app.router.add_get("/closing", closing)
     return app
 
 
@@ -92,6 +98,8 @@ async def exchange(port: int, raw: bytes, responses: int) -> tuple[list[bytes], 
         (b"GET /small HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", 1),
         (b"GET /empty HTTP/1.1\r\nHost: x\r\n\r\n", 1),
         (b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n", 1),
+        (b"GET /closing HTTP/1.1\r\nHost: x\r\n\r\n", 1),
+        (b"GET /closing HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", 1),
         (PIPELINED, 3),
         (PIPELINED_THEN_CLOSE, 2),
     ],
@@ -110,6 +118,7 @@ async def test_the_same_bytes_as_aiohttps_response(
 def test_what_the_request_handler_reads_before_prepare() -> None:
     response = WireResponse(b"{}")
     assert repr(response) == "<WireResponse 200 2 bytes, not prepared>"
+    assert response.body_length == 2  # what an access log's %b reads
     assert len(response) == 0
     assert response  # a mapping, but true when empty, as aiohttp's responses are
     assert not response.prepared
