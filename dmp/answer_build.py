@@ -48,6 +48,7 @@ except ImportError:  # not built (pip install -e . builds it): the Python answer
 __all__ = [
     "AnswerBuilder",
     "available",
+    "bind_roaring",
     "check_limits",
     "composite_program",
     "find_position",
