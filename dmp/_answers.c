@@ -319,32 +319,35 @@ static PyObject *finish_answer(AnswerPlan *self, Py_ssize_t count, Py_ssize_t *f
     return result;
 }
 
-/* The checks both builds share; 0 when the builder may run. */
-static int ready_to_build(AnswerPlan *self, PyObject *start_obj, unsigned long long *start) {
+/* Both builds' (source, start, slot_ranks) arguments and checks; 0 when the builder may
+ * run, with ``table`` to release; -1 with an exception and nothing to release. */
+static int build_args(AnswerPlan *self, PyObject *args, PyObject **source, Py_buffer *table,
+                      unsigned long long *start) {
+    PyObject *start_obj;
+    if (!PyArg_ParseTuple(args, "OOy*", source, &start_obj, table)) return -1;
     /* Not "K", which wraps negative and oversized ints silently. */
     *start = PyLong_AsUnsignedLongLong(start_obj);
-    if (*start == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if (*start == (unsigned long long)-1 && PyErr_Occurred()) goto bad;
     if (self->names == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "AnswerBuilder not initialised");
-        return -1;
+        goto bad;
     }
     if (self->busy) {
         PyErr_SetString(PyExc_RuntimeError, "AnswerBuilder.build re-entered");
-        return -1;
+        goto bad;
     }
     return 0;
+bad:
+    PyBuffer_Release(table);
+    return -1;
 }
 
 /* build(values, start, slot_ranks) -> (names, json): see the module comment. */
 static PyObject *plan_build(AnswerPlan *self, PyObject *args) {
-    PyObject *values, *start_obj;
+    PyObject *values;
     Py_buffer table;
     unsigned long long start;
-    if (!PyArg_ParseTuple(args, "OOy*", &values, &start_obj, &table)) return NULL;
-    if (ready_to_build(self, start_obj, &start) < 0) {
-        PyBuffer_Release(&table);
-        return NULL;
-    }
+    if (build_args(self, args, &values, &table, &start) < 0) return NULL;
     const uint32_t *slot_ranks = (const uint32_t *)table.buf;
     Py_ssize_t slots = table.len / (Py_ssize_t)sizeof(uint32_t);
     PyObject *it = PyObject_GetIter(values);
@@ -380,14 +383,10 @@ fail:
 /* build_at(bitmap_pointer, start, slot_ranks) -> (names, json): as build, reading the
  * BitMap64 at ``bitmap_pointer`` (its ``raw_pointer``, alive for the call) directly. */
 static PyObject *plan_build_at(AnswerPlan *self, PyObject *args) {
-    PyObject *pointer_obj, *start_obj;
+    PyObject *pointer_obj;
     Py_buffer table;
     unsigned long long start;
-    if (!PyArg_ParseTuple(args, "OOy*", &pointer_obj, &start_obj, &table)) return NULL;
-    if (ready_to_build(self, start_obj, &start) < 0) {
-        PyBuffer_Release(&table);
-        return NULL;
-    }
+    if (build_args(self, args, &pointer_obj, &table, &start) < 0) return NULL;
     void *pointer = PyLong_AsVoidPtr(pointer_obj);
     if (pointer == NULL) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "null bitmap pointer");

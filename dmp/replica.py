@@ -167,10 +167,6 @@ class PartitionIndex:
             self.slot_names.append(segment_id)
         return slot
 
-    def add_bulk(self, segment_id: str, locals_: Sequence[int] | npt.NDArray[np.uint32]) -> None:
-        """Load-time add of positions known to be new (from a bitmap chunk)."""
-        self.add_chunk([(segment_id, np.asarray(locals_, dtype=np.uint32))])
-
     def add_chunk(self, members: Iterable[tuple[str, npt.NDArray[np.uint32]]]) -> None:
         """Load-time add of memberships known to be new: every segment's locals of one
         chunk, say. Sorted first, so the bitmap is built in order, appended to rather than

@@ -122,4 +122,4 @@ class WireResponse(web.StreamResponse):
             await request.writer.drain()
 
     async def write_eof(self, data: bytes = b"") -> None:
-        pass
+        """Nothing is left to send: ``prepare`` wrote the whole response."""
