@@ -533,6 +533,99 @@ done:
     return result;
 }
 
+/* interleave(parts, low, span, slot_bits, out): one chunk's memberships, user-major.
+ * ``parts`` is a sequence of (slot, locals) with locals a sorted uint32 array, every local
+ * in [low, low + span); ``out`` (uint32, as long as all locals together) receives
+ * ``(local - low) << slot_bits | slot`` sorted, when the parts come in ascending slot order:
+ * a counting sort over the locals, two passes, instead of a comparison sort of the lot
+ * (the load's largest cost, docs/decisions/0014). */
+static PyObject *interleave(PyObject *module, PyObject *args) {
+    PyObject *parts_obj, *out_obj;
+    unsigned long long low, span;
+    unsigned int slot_bits;
+    if (!PyArg_ParseTuple(args, "OKKIO", &parts_obj, &low, &span, &slot_bits, &out_obj))
+        return NULL;
+    if (slot_bits > 31 || span == 0 || span > ((uint64_t)1 << (32 - slot_bits)) ||
+        low > UINT32_MAX || low + span - 1 > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "low, span and slot_bits do not fit 32 bits");
+        return NULL;
+    }
+    PyObject *parts = PySequence_Fast(parts_obj, "parts must be a sequence");
+    if (parts == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(parts);
+    Py_buffer *views = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(Py_buffer));
+    uint32_t *slots = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(uint32_t));
+    uint32_t *next = PyMem_Calloc((size_t)span + 1, sizeof(uint32_t));
+    Py_buffer out;
+    int have_out = 0;
+    Py_ssize_t held = 0;
+    PyObject *result = NULL;
+    if (views == NULL || slots == NULL || next == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    uint64_t total = 0;
+    for (; held < n; held++) {
+        PyObject *part = PySequence_Fast_GET_ITEM(parts, held);
+        PyObject *slot_obj, *locals_obj;
+        if (!PyTuple_Check(part) || !PyArg_ParseTuple(part, "OO", &slot_obj, &locals_obj)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "parts are (slot, locals)");
+            goto done;
+        }
+        unsigned long slot = PyLong_AsUnsignedLong(slot_obj);
+        if (slot == (unsigned long)-1 && PyErr_Occurred()) goto done;
+        if (slot >= (1UL << slot_bits)) {
+            PyErr_SetString(PyExc_ValueError, "slot does not fit slot_bits");
+            goto done;
+        }
+        slots[held] = (uint32_t)slot;
+        if (uint_buffer(locals_obj, &views[held], 4, "locals") < 0) goto done;
+        const uint32_t *vs = (const uint32_t *)views[held].buf;
+        Py_ssize_t m = views[held].shape[0];
+        for (Py_ssize_t i = 0; i < m; i++) {
+            uint64_t at = (uint64_t)vs[i] - low; /* wraps past span when below low */
+            if (at >= span) {
+                held++;
+                PyErr_SetString(PyExc_ValueError, "a local is outside [low, low + span)");
+                goto done;
+            }
+            next[at + 1]++;
+        }
+        total += (uint64_t)m;
+    }
+    if (total > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "more than 2**32 locals");
+        goto done;
+    }
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_ND | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+        goto done;
+    have_out = 1;
+    if (out.itemsize != 4 || out.ndim != 1 || (uint64_t)out.shape[0] != total) {
+        PyErr_SetString(PyExc_ValueError, "out must be a uint32 array as long as all locals");
+        goto done;
+    }
+    for (uint64_t k = 1; k <= span; k++) next[k] += next[k - 1]; /* first place per local */
+    uint32_t *dst = (uint32_t *)out.buf;
+    for (Py_ssize_t p = 0; p < n; p++) {
+        const uint32_t *vs = (const uint32_t *)views[p].buf;
+        Py_ssize_t m = views[p].shape[0];
+        uint32_t slot = slots[p];
+        for (Py_ssize_t i = 0; i < m; i++) {
+            uint32_t at = (uint32_t)(vs[i] - low);
+            dst[next[at]++] = (at << slot_bits) | slot;
+        }
+    }
+    result = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t p = 0; p < held; p++) PyBuffer_Release(&views[p]);
+    if (have_out) PyBuffer_Release(&out);
+    PyMem_Free(views);
+    PyMem_Free(slots);
+    PyMem_Free(next);
+    Py_DECREF(parts);
+    return result;
+}
+
 /* bind_roaring(path) -> bool: find CRoaring's iterator functions in pyroaring's extension
  * module at ``path``, already loaded (RTLD_NOLOAD: never a second copy). False when any is
  * missing: build_at is then unusable and dmp/answer_build.py keeps to build. */
@@ -566,6 +659,8 @@ static PyObject *bind_roaring(PyObject *module, PyObject *args) {
 static PyMethodDef module_methods[] = {
     {"bind_roaring", bind_roaring, METH_VARARGS,
      "bind_roaring(path) -> bool: use CRoaring from pyroaring's module at path."},
+    {"interleave", interleave, METH_VARARGS,
+     "interleave(parts, low, span, slot_bits, out): one chunk's memberships, user-major."},
     {"find_position", find_position, METH_VARARGS,
      "find_position(hashes, positions, buckets, shift, h) -> position or None."},
     {NULL, NULL, 0, NULL},

@@ -37,10 +37,12 @@ try:
         AnswerBuilder,
         bind_roaring,
         find_position,
+        interleave,
     )
 except ImportError:  # not built (pip install -e . builds it): the Python answers alone
     AnswerBuilder = None  # type: ignore[assignment,misc]  # a class when built, else None
     find_position = None  # type: ignore[assignment]  # a function when built, else None
+    interleave = None  # type: ignore[assignment]  # a function when built, else None
     bind_roaring = None  # type: ignore[assignment]  # a function when built, else None
     OP_REF, OP_FALSE, OP_NOT, OP_AND, OP_OR, OP_SET = range(6)
     MAX_SLOTS = INACTIVE = 0
@@ -52,6 +54,7 @@ __all__ = [
     "check_limits",
     "composite_program",
     "find_position",
+    "interleave",
     "rank_table",
     "reads_bitmaps",
 ]

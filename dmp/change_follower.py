@@ -177,6 +177,7 @@ class ChangeFollower:
                         locals_ = BitMap.deserialize(as_bytes(raw)).to_array()  # array('I')
                         members.append((segments[key], np.frombuffer(locals_, dtype=np.uint32)))
             view.add_chunk(members)
+        view.finish_load()
         return view
 
     async def _stream_position(self, keys: PartitionKeys) -> tuple[bytes, int, int]:

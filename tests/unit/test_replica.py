@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import asyncio
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dmp import answer_build
 from dmp import replica as replica_module
 from dmp.ids import position, uid_hash
 from dmp.replica import IdIndex, Replica
@@ -156,13 +158,24 @@ def test_new_ids_are_merged_into_the_sorted_arrays(monkeypatch: pytest.MonkeyPat
     ),
     st.sampled_from([0, 65_536, 1 << 20, 1 << 31]),
     st.booleans(),
+    st.booleans(),
 )
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)
 def test_add_chunk_equals_adding_one_membership_at_a_time(
-    members: list[tuple[str, set[int]]], base: int, spread: bool
+    members: list[tuple[str, set[int]]], base: int, spread: bool, in_c: bool
 ) -> None:
-    """A chunk's bulk add (32-bit relative sort, or 64-bit when the locals span more than
-    2**20) gives the bitmap, slots and populations that single adds give."""
+    """A chunk's bulk add (under one high 32 bits: a 32-bit bitmap, the values sorted by
+    the C counting sort or numpy's; else the 64-bit sort) gives the bitmap, slots and
+    populations that single adds give."""
+    assert answer_build.interleave is not None, "the C extension is not built"
+    if not in_c:
+        with patch.object(replica_module, "interleave", None):
+            check_add_chunk(members, base, spread)
+    else:
+        check_add_chunk(members, base, spread)
+
+
+def check_add_chunk(members: list[tuple[str, set[int]]], base: int, spread: bool) -> None:
     from dmp.replica import PartitionIndex
 
     def locals_of(values: set[int], n: int) -> np.ndarray:
@@ -173,9 +186,45 @@ def test_add_chunk_equals_adding_one_membership_at_a_time(
     # One segment's bitmap at most once per chunk, as the loader reads them.
     chunk = list({seg: values for seg, values in members}.items())
     bulk.add_chunk([(seg, locals_of(values, n)) for n, (seg, values) in enumerate(chunk)])
+    bulk.finish_load()
     for n, (seg, values) in enumerate(chunk):
         single.slot(seg)
         single.add(seg, [int(v) for v in locals_of(values, n)])
     assert list(bulk.index) == list(single.index)
     assert bulk.slot_names == single.slot_names
     assert bulk.populations == {s: p for s, p in single.populations.items() if p}
+
+
+def test_add_chunk_in_any_order_of_buckets() -> None:
+    """Chunks under different high 32 bits, a later one first and one bucket twice: all
+    of it is in the index after finish_load."""
+    from dmp.replica import PartitionIndex
+
+    view = PartitionIndex()
+    expected = set()
+    for local, slot_name in ((3 << 21, "a"), (5, "b"), (3 << 21 | 7, "a"), (9, "a")):
+        view.add_chunk([(slot_name, np.array([local], dtype=np.uint32))])
+        expected.add(local << replica_module.SLOT_BITS | view.slots[slot_name])
+    view.finish_load()
+    assert list(view.index) == sorted(expected)
+    assert view.populations == {"a": 3, "b": 1}
+
+
+def test_interleave_refuses_what_does_not_fit() -> None:
+    interleave = answer_build.interleave
+    assert interleave is not None, "the C extension is not built"
+    out = np.empty(2, dtype=np.uint32)
+    interleave([(1, np.array([10, 11], dtype=np.uint32))], 10, 2, 12, out)
+    assert list(out) == [1, 1 << 12 | 1]
+    with pytest.raises(ValueError, match="outside"):
+        interleave([(1, np.array([9, 10], dtype=np.uint32))], 10, 2, 12, out)
+    with pytest.raises(ValueError, match="outside"):
+        interleave([(1, np.array([10, 12], dtype=np.uint32))], 10, 2, 12, out)
+    with pytest.raises(ValueError, match="as long as"):
+        interleave([(1, np.array([10], dtype=np.uint32))], 10, 2, 12, out)
+    with pytest.raises(ValueError, match="slot"):
+        interleave([(4096, np.array([10, 11], dtype=np.uint32))], 10, 2, 12, out)
+    with pytest.raises(ValueError, match="fit 32 bits"):
+        interleave([], 0, (1 << 20) + 1, 12, np.empty(0, dtype=np.uint32))
+    with pytest.raises(TypeError, match="uint32"):
+        interleave([(1, np.array([10, 11], dtype=np.uint64))], 10, 2, 12, out)
