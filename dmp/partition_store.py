@@ -14,7 +14,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
 from dmp.cookie_state import CookieState
-from dmp.ids import chunk_of, position
+from dmp.ids import CHUNK_BITS, position
 from dmp.keys import PartitionKeys, partitions_key
 from dmp.partition_batch import BatchPlan
 from dmp.redis_types import as_bytes, as_str
@@ -97,15 +97,6 @@ class PartitionStore:
     async def due_uids(self, now: float, limit: int) -> list[str]:
         raw = await self.client.zrangebyscore(self.keys.due, "-inf", now, start=0, num=limit)
         return [as_str(r) for r in raw]
-
-    async def _chunk(self, segment_id: str, chunk: int) -> BitMap:
-        key = (segment_id, chunk)
-        bitmap = self._chunks.get(key)
-        if bitmap is None:
-            raw = await self.client.get(self.keys.bitmap(segment_id, chunk))
-            bitmap = BitMap.deserialize(as_bytes(raw)) if raw else BitMap()
-            self._chunks[key] = bitmap
-        return bitmap
 
     async def commit(
         self,
@@ -215,26 +206,36 @@ class PartitionStore:
             except WatchError:
                 self._chunks.clear()
                 raise Fenced(f"{self.keys.tag}: written by another consumer") from None
-        self._chunks.update(dirty)
         if next_offset is not None:
             self.next_offset = next_offset
         self.next_local = plan.next_local
 
     async def _dirty_chunks(self, plan: BatchPlan) -> dict[tuple[str, int], BitMap]:
-        dirty: dict[tuple[str, int], BitMap] = {}
-        for changes, add in ((plan.added, True), (plan.removed, False)):
+        """The batch's changed bitmap chunks, changed in the cache itself: a failed commit
+        drops the whole cache (``commit``), so it never runs ahead of Redis. Chunks not
+        cached yet are read in one MGET, not one GET each (~170 a batch with 1,000
+        segments at first)."""
+        edits: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+        for changes, side in ((plan.added, 0), (plan.removed, 1)):
             for segment_id, locals_ in changes.items():
                 for local in locals_:
-                    key = (segment_id, chunk_of(local))
-                    bitmap = dirty.get(key)
-                    if bitmap is None:
-                        # Copy: the cache must not run ahead of Redis if the transaction fails.
-                        bitmap = BitMap(await self._chunk(*key))
-                        dirty[key] = bitmap
-                    if add:
-                        bitmap.add(local)
-                    else:
-                        bitmap.discard(local)
+                    key = (segment_id, local >> CHUNK_BITS)
+                    edit = edits.get(key)
+                    if edit is None:
+                        edit = edits[key] = ([], [])
+                    edit[side].append(local)
+        missing = [key for key in edits if key not in self._chunks]
+        if missing:
+            # One partition's keys: one hash tag, one slot on a cluster.
+            raws = await self.client.mget([self.keys.bitmap(s, c) for s, c in missing])
+            for key, raw in zip(missing, raws, strict=True):
+                self._chunks[key] = BitMap.deserialize(as_bytes(raw)) if raw else BitMap()
+        dirty: dict[tuple[str, int], BitMap] = {}
+        for key, (added, removed) in edits.items():
+            bitmap = dirty[key] = self._chunks[key]
+            bitmap.update(added)
+            if removed:
+                bitmap.difference_update(BitMap(removed))
         return dirty
 
     def _change_entry(self, plan: BatchPlan, produced_at: float) -> bytes:
