@@ -167,6 +167,7 @@ class Backfill:
         """Per partition, the earliest offset evaluated live by a version of the job's run."""
         chain = [str(n) for n in range(job.start_version, job.live.number + 1)]
         deadline = time.monotonic() + wait
+        waiting = False
         while True:
             found: dict[TopicPartition, int] = {}
             for tp in tps:
@@ -183,6 +184,12 @@ class Backfill:
                     f"{missing} after {wait:g}s: is `dmp ingest` running for topic "
                     f"'{tps[0].topic}'? Nothing was changed."
                 )
+            if not waiting:  # once: say why nothing seems to happen
+                self.say(
+                    f"waiting up to {wait:g}s for ingest to apply rule version "
+                    f"{job.live.number} on partitions {missing}"
+                )
+                waiting = True
             await asyncio.sleep(POLL_INTERVAL)
 
     async def _unstaged(self, tps: Sequence[TopicPartition], job: Job) -> list[TopicPartition]:

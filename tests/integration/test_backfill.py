@@ -242,7 +242,13 @@ async def test_backfill_refusals(settings: Settings, redis_client: aioredis.Redi
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    await asyncio.sleep(4)  # started and waiting for ingest
+    assert proc.stderr is not None
+    async with asyncio.timeout(30):  # past start-up (Kafka clients): waiting for ingest
+        while True:
+            line = await proc.stderr.readline()
+            assert line, "the command ended before it waited for ingest"
+            if b"waiting up to 60s for ingest" in line:
+                break
     proc.send_signal(signal.SIGINT)
     _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 130, err_bytes.decode()
