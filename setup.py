@@ -3,7 +3,8 @@
 - segment_rules._fastmatch: the compiled all-hits path of rule matching
   (segment_rules/fast_match.py, docs/decisions/0011). Without it the generated Python
   matcher answers alone, slower.
-- dmp._answers: the lookup's cache-miss path (dmp/answer_build.py, docs/decisions/0012).
+- dmp._answers: the lookup's cache-miss path (dmp/answer_build.py, docs/decisions/0012) and
+  the replica load's counting sort (docs/decisions/0014).
   Without it dmp/replica.py's Python answers alone, slower.
 """
 

@@ -11,6 +11,9 @@
  * iterator functions pyroaring's own module exports (bind_roaring), 64 values a call
  * instead of a Python int per value (docs/decisions/0013).
  *
+ * interleave: a replica load's step, not a lookup's: one chunk's memberships put in
+ * user-major order by a counting sort (docs/decisions/0014).
+ *
  * find_position: the id index's binary search (numpy arrays of uint64, by buffer), so a
  * miss does not pay numpy's per-call overhead twice.
  */
@@ -456,8 +459,9 @@ static PyTypeObject AnswerPlanType = {
 
 /* A one-dimensional contiguous buffer of unsigned integers of ``size`` bytes (numpy's
  * uint64 says "L" or "Q", uint32 "I", possibly after a byte-order mark). */
-static int uint_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t size, const char *what) {
-    if (PyObject_GetBuffer(obj, view, PyBUF_ND | PyBUF_FORMAT) < 0) return -1;
+static int uint_buffer_flags(PyObject *obj, Py_buffer *view, Py_ssize_t size, const char *what,
+                             int flags) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_ND | PyBUF_FORMAT | flags) < 0) return -1;
     const char *f = view->format;
     if (f != NULL && (*f == '<' || *f == '=' || *f == '@')) f++;
     if (view->itemsize != size || view->ndim != 1 || f == NULL || f[0] == '\0' || f[1] != '\0' ||
@@ -468,6 +472,10 @@ static int uint_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t size, const ch
         return -1;
     }
     return 0;
+}
+
+static int uint_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t size, const char *what) {
+    return uint_buffer_flags(obj, view, size, what, 0);
 }
 
 /* find_position(hashes, positions, buckets, shift, h) -> the position of the last
@@ -534,11 +542,12 @@ done:
 }
 
 /* interleave(parts, low, span, slot_bits, out): one chunk's memberships, user-major.
- * ``parts`` is a sequence of (slot, locals) with locals a sorted uint32 array, every local
- * in [low, low + span); ``out`` (uint32, as long as all locals together) receives
- * ``(local - low) << slot_bits | slot`` sorted, when the parts come in ascending slot order:
- * a counting sort over the locals, two passes, instead of a comparison sort of the lot
- * (the load's largest cost, docs/decisions/0014). */
+ * ``parts`` is a sequence of (slot, locals) with locals a uint32 array, every local in
+ * [low, low + span); ``out`` (uint32, as long as all locals together) receives
+ * ``(local - low) << slot_bits | slot`` sorted when the parts come in ascending slot order
+ * (the locals themselves may come in any order): a counting sort over the locals, two
+ * passes, instead of a comparison sort of the lot (the load's largest cost,
+ * docs/decisions/0014). An ``out`` sharing memory with a part is refused. */
 static PyObject *interleave(PyObject *module, PyObject *args) {
     PyObject *parts_obj, *out_obj;
     unsigned long long low, span;
@@ -597,12 +606,21 @@ static PyObject *interleave(PyObject *module, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "more than 2**32 locals");
         goto done;
     }
-    if (PyObject_GetBuffer(out_obj, &out, PyBUF_ND | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
-        goto done;
+    if (uint_buffer_flags(out_obj, &out, 4, "out", PyBUF_WRITABLE) < 0) goto done;
     have_out = 1;
-    if (out.itemsize != 4 || out.ndim != 1 || (uint64_t)out.shape[0] != total) {
+    if ((uint64_t)out.shape[0] != total) {
         PyErr_SetString(PyExc_ValueError, "out must be a uint32 array as long as all locals");
         goto done;
+    }
+    /* The second pass trusts the first: the GIL is held throughout, so only ``out`` itself
+     * could change the locals under it. */
+    const char *out_start = (const char *)out.buf, *out_end = out_start + out.len;
+    for (Py_ssize_t p = 0; p < n; p++) {
+        const char *start = (const char *)views[p].buf, *end = start + views[p].len;
+        if (start < out_end && out_start < end) {
+            PyErr_SetString(PyExc_ValueError, "out shares memory with the locals");
+            goto done;
+        }
     }
     for (uint64_t k = 1; k <= span; k++) next[k] += next[k - 1]; /* first place per local */
     uint32_t *dst = (uint32_t *)out.buf;

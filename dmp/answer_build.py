@@ -8,6 +8,9 @@ it (docs/decisions/0012). ``build_at`` reads the bitmap through CRoaring's own i
 instead, 64 values a call (docs/decisions/0013), when pyroaring's module exports it.
 Without the extension, dmp/replica.py's Python answers alone.
 
+The extension also holds one step of a replica's load, ``interleave`` (a chunk's memberships
+in user-major order by a counting sort, docs/decisions/0014); without it numpy sorts.
+
 Composites become a small stack program: ``REF r`` (is rank r held), ``FALSE`` (a
 reference to a segment that is not active), ``NOT``, ``AND n`` / ``OR n`` (of the top n),
 and ``SET r`` (add rank r when the top is true), one composite after another in dependency

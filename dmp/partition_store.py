@@ -219,7 +219,7 @@ class PartitionStore:
         for changes, side in ((plan.added, 0), (plan.removed, 1)):
             for segment_id, locals_ in changes.items():
                 for local in locals_:
-                    key = (segment_id, local >> CHUNK_BITS)
+                    key = (segment_id, local >> CHUNK_BITS)  # chunk_of, inline: per change
                     edit = edits.get(key)
                     if edit is None:
                         edit = edits[key] = ([], [])

@@ -192,13 +192,14 @@ class PartitionIndex:
         bucket = (low << SLOT_BITS) >> 32
         if bucket == (high << SLOT_BITS | (MAX_SLOTS - 1)) >> 32:
             # Under one high 32 bits, so relative to the first cookie's value they fit in 32
-            # bits too: half the bytes to sort (numpy's sort of unique values, 2x faster
-            # than the 64-bit one), and the low words go to a 32-bit bitmap as they are.
-            if interleave is not None:  # a counting sort in C, 4x faster
+            # bits too, and the low words go to a 32-bit bitmap as they are.
+            if interleave is not None:
+                # A counting sort in C (0014): sorted output needs the parts in slot order.
                 parts = sorted(zip(slots, arrays, strict=True), key=lambda part: part[0])
                 rel = np.empty(sum(len(a) for a in arrays), dtype=np.uint32)
                 interleave(parts, low, high - low + 1, SLOT_BITS, rel)
             else:
+                # Half the bytes of the 64-bit values to sort: numpy sorts them 2x faster.
                 rel = np.concatenate(
                     [
                         ((a - low).astype(np.uint32) << SLOT_BITS) | slot
@@ -228,6 +229,11 @@ class PartitionIndex:
         buffer = array("I")
         buffer.frombytes(low_words.data.cast("B"))
         self._filling.update(buffer)
+
+    @property
+    def loading(self) -> bool:
+        """add_chunk() gathered values that finish_load() has not joined to ``index`` yet."""
+        return self._filling is not None
 
     def finish_load(self) -> None:
         """Join what add_chunk gathered to ``index``.
@@ -451,6 +457,8 @@ class Replica:
         return view
 
     def replace_partition(self, partition: int, view: PartitionIndex) -> None:
+        if view.loading:
+            raise ValueError("PartitionIndex.finish_load() was not called after add_chunk()")
         self.partitions[partition] = view
         self.clear_cache()
 

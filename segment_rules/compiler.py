@@ -123,7 +123,8 @@ class CompiledRules:
                         trait.keep_for = max(trait.keep_for, seg.ttl)
         self.traits = tuple(self._traits.values())
         # Tests whose only update is one times trait (most of them): record() takes these
-        # without the general dispatch, as (trait id, keep, keep_for).
+        # without the general dispatch, as (trait id, keep, keep_for). Copies: traits are
+        # final once built above (the TTL pass included) and never change afterwards.
         self._times_only: dict[str, tuple[str, int, float]] = {
             test: (u[0].trait.id, u[0].trait.keep, u[0].trait.keep_for)
             for test, u in self._updates.items()

@@ -241,16 +241,29 @@ async def test_backfill_refusals(settings: Settings, redis_client: aioredis.Redi
         env=cli_env(settings),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=_sigint_as_at_a_terminal,
     )
     assert proc.stderr is not None
-    async with asyncio.timeout(30):  # past start-up (Kafka clients): waiting for ingest
-        while True:
-            line = await proc.stderr.readline()
-            assert line, "the command ended before it waited for ingest"
-            if b"waiting up to 60s for ingest" in line:
-                break
-    proc.send_signal(signal.SIGINT)
-    _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=30)
+    try:
+        async with asyncio.timeout(30):  # past start-up (Kafka clients): waiting for ingest
+            while True:
+                line = await proc.stderr.readline()
+                assert line, "the command ended before it waited for ingest"
+                if b"waiting up to 60s for ingest" in line:
+                    break
+        proc.send_signal(signal.SIGINT)
+        _, err_bytes = await asyncio.wait_for(proc.communicate(), timeout=30)
+    finally:
+        if proc.returncode is None:  # a failed wait above: never leave it running
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 130, err_bytes.decode()
     assert "interrupted: 'clickers' stays paused" in err_bytes.decode()
     assert (await versions.active_number()) == 1
+
+
+def _sigint_as_at_a_terminal() -> None:
+    """In the child: Ctrl-C's default. Tests started in the background by a shell without job
+    control (``sh -c '... &'``) run with SIGINT ignored, children inherit that, and the
+    command would then rightly go on waiting."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
