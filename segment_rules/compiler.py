@@ -122,14 +122,6 @@ class CompiledRules:
                     if trait.kind in (TIMES, VALUES, DONE):  # the others' memory is semantic
                         trait.keep_for = max(trait.keep_for, seg.ttl)
         self.traits = tuple(self._traits.values())
-        # Tests whose only update is one times trait (most of them): record() takes these
-        # without the general dispatch, as (trait id, keep, keep_for). Copies: traits are
-        # final once built above (the TTL pass included) and never change afterwards.
-        self._times_only: dict[str, tuple[str, int, float]] = {
-            test: (u[0].trait.id, u[0].trait.keep, u[0].trait.keep_for)
-            for test, u in self._updates.items()
-            if len(u) == 1 and u[0].trait.kind == TIMES
-        }
         self._index = EventIndex(self._tests)
         self.matching_traits = self._index.match
         self._active_base = tuple(s for s in ruleset.base_segments if s.status == "active")
@@ -237,26 +229,7 @@ class CompiledRules:
         ``event`` is needed when a sum or average reads a value from it.
         """
         done: list[_Update] = []
-        times_only = self._times_only
         for test in trait_ids:
-            simple = times_only.get(test)
-            if simple is not None:  # the TIMES branch below, its trait's fields at hand
-                tid, keep, keep_for = simple
-                if ts <= now - keep_for:
-                    continue
-                stamps = history.get(tid)
-                if not stamps:
-                    history[tid] = [ts]
-                    continue
-                if ts >= stamps[-1]:
-                    stamps.append(ts)
-                else:
-                    bisect.insort(stamps, ts)
-                if stamps[0] <= now - keep_for or len(stamps) > keep:
-                    cut = bisect.bisect_right(stamps, now - keep_for)
-                    drop = max(cut, len(stamps) - keep)
-                    del stamps[:drop]
-                continue
             for update in self._updates.get(test, ()):
                 trait = update.trait
                 kind = trait.kind

@@ -4,8 +4,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from segment_rules import CompiledRules, History, load_rules_file, parse_rules
 
@@ -169,47 +167,3 @@ def test_a_paused_part_counts_as_not_held_in_composites() -> None:
     for evaluator in (CompiledRules(ruleset), Interpreter(ruleset)):
         assert evaluator.with_composites(frozenset({"a", "p"})) == ["a", "a_not_p"]
         assert evaluator.with_composites(frozenset({"p"})) == []
-
-
-FAST_PATH_RULES = """segments:
-  - id: clicks_3
-    rule: {at_least: 3, within: 2d, where: {field: type, equals: click}}
-  - id: clicks_at_most_1
-    rule: {at_least: 1, at_most: 1, within: 1d, where: {field: type, equals: click}}
-  - id: viewer_ttl
-    ttl: 12h
-    rule: {at_least: 2, within: 3d, where: {field: type, equals: page_view}}
-  - id: searcher
-    rule: {at_least: 4, within: 6h, where: {field: type, equals: search}}
-"""
-
-
-@given(
-    st.lists(
-        st.tuples(
-            st.floats(-4 * DAY, 60.0, allow_nan=False),
-            st.sampled_from(["click", "page_view", "search"]),
-            st.floats(0.0, DAY, allow_nan=False),
-        ),
-        max_size=40,
-    )
-)
-@settings(max_examples=200, deadline=None, derandomize=True, database=None)
-def test_record_fast_path_equals_the_general_branch(
-    events: list[tuple[float, str, float]],
-) -> None:
-    """Tests that feed one times trait take record()'s fast path: the histories it leaves,
-    event after event and at later times, are those of the general branch."""
-    fast = CompiledRules(parse_rules(FAST_PATH_RULES))
-    general = CompiledRules(parse_rules(FAST_PATH_RULES))
-    assert fast._times_only, "the rules above must take the fast path"
-    general._times_only = {}
-    h_fast: History = {}
-    h_general: History = {}
-    now = NOW
-    for offset, kind, later in events:
-        now += later
-        tests = fast.matching_traits({"type": kind})
-        fast.record(h_fast, now + offset, tests, now)
-        general.record(h_general, now + offset, tests, now)
-        assert h_fast == h_general
