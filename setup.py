@@ -3,6 +3,8 @@
 - segment_rules._fastmatch: the compiled all-hits path of rule matching
   (segment_rules/fast_match.py, docs/decisions/0011). Without it the generated Python
   matcher answers alone, slower.
+- segment_rules._kernel: a cookie history's record, prune and evaluate (segment_rules/compiler.py,
+  docs/decisions/0015). Without it compiler.py's Python does the same, slower.
 - dmp._answers: the lookup's cache-miss path (dmp/answer_build.py, docs/decisions/0012) and
   the replica load's counting sort (docs/decisions/0014).
   Without it dmp/replica.py's Python answers alone, slower.
@@ -13,6 +15,7 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("segment_rules._fastmatch", ["segment_rules/_fastmatch.c"]),
+        Extension("segment_rules._kernel", ["segment_rules/_kernel.c"]),
         Extension("dmp._answers", ["dmp/_answers.c"]),
     ]
 )

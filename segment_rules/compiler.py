@@ -38,6 +38,11 @@ from segment_rules.model import (
     SequenceRule,
 )
 
+try:
+    from segment_rules._kernel import Kernel
+except ImportError:  # not built (pip install -e . builds it): the Python below does the work
+    Kernel = None  # type: ignore[assignment,misc]  # a class when built, else None
+
 # trait id -> its state (see the module docstring); JSON-serialisable, stored per cookie.
 History = dict[str, list[Any]]
 # Whether a condition holds for a history at a time; appends the times it may change at.
@@ -46,6 +51,9 @@ _Holds = Callable[[History, float, list[float]], bool]
 TIMES, VALUES, FIRST, DECAY, DONE = "times", "values", "first", "decay", "done"
 MAX_VALUES = 256  # [time, value] pairs kept per sum/average trait: a cookie past it is a bot
 SEQUENCE_KEEP = 32  # event times kept per sequence step
+# The kernel's codes (segment_rules/_kernel.c): trait kinds, and its nodes' operations.
+_KIND_CODES = {TIMES: 0, VALUES: 1, FIRST: 2, DECAY: 3, DONE: 4}
+_ALL, _ANY, _NOT, _COUNT, _PY, _TTL = range(6)
 
 __all__ = ["CompiledRules", "Evaluation", "History", "Trait", "compile_predicate", "trait_id"]
 
@@ -76,6 +84,9 @@ class _Update:
     half_life: float = 0.0
 
 
+_LEAF_TYPES = (CountWithin, NotSeenWithin, FirstSeenWithin, Aggregate, SequenceRule, Score)
+
+
 def _leaves(cond: Condition) -> Iterator[Leaf]:
     if isinstance(cond, Not):
         yield from _leaves(cond.part)
@@ -99,7 +110,9 @@ class CompiledRules:
     # generated function itself, since a method around it was a tenth of its cost.
     matching_traits: Callable[[Event], tuple[str, ...]]
 
-    def __init__(self, ruleset: RuleSet) -> None:
+    def __init__(self, ruleset: RuleSet, *, native: bool = True) -> None:
+        """``native=False`` keeps record, prune and evaluate in Python (the reference the
+        C kernel is tested against); by default the kernel runs them when it is built."""
         self.ruleset = ruleset
         self.version = ruleset.version
         self._traits: dict[str, Trait] = {}
@@ -140,6 +153,7 @@ class CompiledRules:
             for s in topological_order(ruleset.segments)
             if s.of is not None and s.status == "active"
         )
+        self._kernel = self._build_kernel() if native and Kernel is not None else None
 
     # -- building -----------------------------------------------------------------------------
     def _trait(self, tid: str, kind: str, keep: int, keep_for: float) -> Trait:
@@ -206,6 +220,50 @@ class CompiledRules:
             self._updates.setdefault(self._test(entry.where), []).append(update)
         return (tid,)
 
+    def _build_kernel(self) -> Kernel:
+        """The same rules for segment_rules/_kernel.c: traits by index, each test's times
+        traits, and each active base segment's condition as (operation, ...) tuples."""
+        index = {tid: n for n, tid in enumerate(self._traits)}
+        traits = tuple(
+            (
+                t.id,
+                _KIND_CODES[t.kind],
+                t.keep,
+                float(t.keep_for),
+                tuple(self._by_trait.get(t.id, ())),
+            )
+            for t in self._traits.values()
+        )
+        tests = {}
+        for test, updates in self._updates.items():
+            # Times and decaying scores run in the kernel; the other kinds in _record.
+            native = tuple(
+                (index[u.trait.id], u.points, u.half_life)
+                for u in updates
+                if u.trait.kind in (TIMES, DECAY)
+            )
+            tests[test] = (native, any(u.trait.kind not in (TIMES, DECAY) for u in updates))
+
+        def program(cond: Condition) -> tuple[Any, ...]:
+            if isinstance(cond, Not):
+                return (_NOT, program(cond.part))
+            if isinstance(cond, All) or not isinstance(cond, _LEAF_TYPES):
+                return (_ALL if isinstance(cond, All) else _ANY, tuple(map(program, cond.parts)))
+            if isinstance(cond, CountWithin):
+                at_most = -1 if cond.at_most is None else cond.at_most
+                trait = index[self._leaf_ids[id(cond)][0]]
+                return (_COUNT, trait, cond.at_least, at_most, float(cond.within))
+            return (_PY, self._leaf_check(cond))  # the other leaves: their Python closures
+
+        checks = []
+        for seg in self._active_base:
+            assert seg.rule is not None
+            ttl = None
+            if seg.ttl is not None:
+                ttl = (_TTL, tuple(index[t] for t in self._segment_traits[seg.id]), float(seg.ttl))
+            checks.append((seg.id, program(seg.rule), ttl))
+        return Kernel(traits, tests, tuple(checks))
+
     # -- ingest -------------------------------------------------------------------------------
     @property
     def tests(self) -> Mapping[str, Predicate]:
@@ -228,6 +286,29 @@ class CompiledRules:
 
         ``event`` is needed when a sum or average reads a value from it.
         """
+        kernel = self._kernel
+        if kernel is None:
+            self._record(history, ts, trait_ids, now, event, all_kinds=True)
+            return
+        if not isinstance(trait_ids, tuple | list):
+            trait_ids = tuple(trait_ids)  # read twice below
+        # The kernel records times and decaying scores, and says if another kind was fed.
+        if kernel.record(history, ts, trait_ids, now):
+            self._record(history, ts, trait_ids, now, event, all_kinds=False)
+
+    def _record(
+        self,
+        history: History,
+        ts: float,
+        trait_ids: Iterable[str],
+        now: float,
+        event: Mapping[str, Any] | None,
+        *,
+        all_kinds: bool,
+    ) -> None:
+        """record() in Python; ``all_kinds=False`` leaves times and decaying scores to the
+        kernel (no other kind reads them, and sequences are completed last, from times
+        the kernel has already added)."""
         done: list[_Update] = []
         for test in trait_ids:
             for update in self._updates.get(test, ()):
@@ -238,6 +319,8 @@ class CompiledRules:
                     # own times decide, after every step's time is in.
                     if update not in done:
                         done.append(update)
+                    continue
+                if not all_kinds and kind in (TIMES, DECAY):
                     continue
                 if ts <= now - trait.keep_for:
                     continue  # too late to count anywhere
@@ -279,6 +362,10 @@ class CompiledRules:
                     history[trait.id] = [completed]
 
     def prune(self, history: History, now: float) -> None:
+        """Drop entries older than their trait keeps them, and traits no rule uses."""
+        if self._kernel is not None:
+            self._kernel.prune(history, now)
+            return
         for tid in list(history):
             trait = self._traits.get(tid)
             if trait is None:
@@ -300,6 +387,9 @@ class CompiledRules:
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, history: History, now: float) -> Evaluation:
         """Memberships at ``now`` and the earliest time they can change with no new event."""
+        if self._kernel is not None:
+            held, next_change = self._kernel.evaluate(history, now)
+            return Evaluation(frozenset(held), next_change)
         candidates: set[int] = set()
         by_trait = self._by_trait
         for tid in history:

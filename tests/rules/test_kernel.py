@@ -1,0 +1,157 @@
+"""The C kernel (segment_rules/_kernel.c) does exactly what compiler.py's Python does."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from segment_rules import CompiledRules, History, parse_rules
+from segment_rules.compiler import Kernel
+from segment_rules.model import RuleSet
+from tests.rules.strategies import STEP, events, rule_files, small_taxonomy
+
+NOW = 1_800_000_000.0
+TAXONOMY = small_taxonomy()
+PROPERTY = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+needs_kernel = pytest.mark.skipif(Kernel is None, reason="the C kernel is not built")
+
+
+def load(doc: dict[str, Any]) -> RuleSet:
+    return parse_rules(yaml.safe_dump(doc, sort_keys=False), "kernel.yaml", TAXONOMY)
+
+
+def test_the_kernel_is_built_where_the_tests_run() -> None:
+    # pip install -e . builds it; without it every test below would skip, unseen.
+    assert Kernel is not None
+    assert CompiledRules(load({"segments": []}))._kernel is not None
+
+
+def test_native_false_keeps_the_python() -> None:
+    assert CompiledRules(load({"segments": []}), native=False)._kernel is None
+
+
+@needs_kernel
+@PROPERTY
+@given(doc=rule_files(), stream=st.data())
+def test_kernel_agrees_with_python(doc: dict[str, Any], stream: st.DataObject) -> None:
+    """Batches at moving times, in any order of event times, some histories read back from
+    JSON (as the store does), each followed by prune and evaluate: the same histories,
+    memberships and next change times, exactly."""
+    ruleset = load(doc)
+    native, python = CompiledRules(ruleset), CompiledRules(ruleset, native=False)
+    assert native._kernel is not None
+    assert python._kernel is None
+    # A stored history may hold more times than the rules keep now (a rule changed).
+    mine: History = {}
+    for trait in native.traits:
+        if trait.kind == "times" and stream.draw(st.booleans()):
+            ks = stream.draw(st.lists(st.integers(0, 12 * 48), min_size=1, max_size=6))
+            mine[trait.id] = sorted(NOW - k * STEP for k in ks)
+    theirs = copy.deepcopy(mine)
+    now = NOW
+    for _ in range(stream.draw(st.integers(1, 4))):
+        now += stream.draw(st.integers(0, 3 * 48)) * STEP
+        batch = stream.draw(st.lists(st.tuples(st.integers(-2, 12 * 48), events()), max_size=12))
+        for back, event in batch:
+            ts = now - back * STEP
+            tests = native.matching_traits(event)
+            native.record(mine, ts, tests, now, event)
+            python.record(theirs, ts, tests, now, event)
+            assert mine == theirs
+        if stream.draw(st.booleans()):
+            mine = orjson.loads(orjson.dumps(mine))
+            theirs = orjson.loads(orjson.dumps(theirs))
+        at = now + stream.draw(st.integers(0, 10 * 48)) * STEP
+        native.prune(mine, at)
+        python.prune(theirs, at)
+        assert mine == theirs
+        assert native.evaluate(mine, at) == python.evaluate(theirs, at)
+
+
+@needs_kernel
+def test_a_stored_history_of_other_rules_is_pruned_alike() -> None:
+    doc = {
+        "segments": [
+            {"id": "a", "rule": {"within": "1d", "where": {"field": "type", "equals": "click"}}}
+        ]
+    }
+    ruleset = load(doc)
+    native, python = CompiledRules(ruleset), CompiledRules(ruleset, native=False)
+    stale: History = {"gone": [NOW - 10.0], "also-gone": []}
+    for rules in (native, python):
+        history = copy.deepcopy(stale)
+        rules.record(history, NOW - 5, rules.matching_traits({"type": "click"}), NOW)
+        rules.prune(history, NOW)
+        assert list(history) == [next(iter(rules.tests))]
+
+
+@needs_kernel
+def test_a_malformed_history_is_refused_not_misread() -> None:
+    rules = CompiledRules(
+        load(
+            {
+                "segments": [
+                    {
+                        "id": "a",
+                        "rule": {"within": "1d", "where": {"field": "type", "equals": "click"}},
+                    }
+                ]
+            }
+        )
+    )
+    test = next(iter(rules.tests))
+    with pytest.raises(TypeError, match="not a list"):
+        rules.evaluate({test: (NOW,)}, NOW)  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="must be a dict"):
+        rules.prune([], NOW)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        rules.evaluate({test: ["yesterday"]}, NOW)
+
+
+@needs_kernel
+def test_the_kernel_refuses_malformed_programs() -> None:
+    assert Kernel is not None
+    trait = ("t", 0, 1, 60.0, (0,))
+    count = (3, 0, 1, -1, 60.0)
+    Kernel((trait,), {"t": (((0, 0.0, 0.0),), False)}, (("a", count, None),))  # well formed
+    with pytest.raises(ValueError, match="out of range"):
+        Kernel((("t", 0, 1, 60.0, (5,)),), {}, (("a", count, None),))
+    with pytest.raises(ValueError, match="unknown trait kind"):
+        Kernel((("t", 9, 1, 60.0, ()),), {}, ())
+    with pytest.raises(ValueError, match="out of range"):
+        Kernel((trait,), {"t": (((3, 0.0, 0.0),), False)}, ())
+    with pytest.raises(ValueError, match="half-life"):
+        Kernel((("t", 3, 2, 60.0, ()),), {"t": (((0, 1.0, 0.0),), False)}, ())
+    with pytest.raises(ValueError, match="trait index out of range"):
+        Kernel((trait,), {}, (("a", (3, 4, 1, -1, 60.0), None),))
+    with pytest.raises(ValueError, match="unknown node"):
+        Kernel((trait,), {}, (("a", (42, 0), None),))
+    with pytest.raises(TypeError, match="not callable"):
+        Kernel((trait,), {}, (("a", (4, "nope"), None),))
+
+
+@needs_kernel
+def test_an_error_in_a_python_leaf_leaves_no_candidate_marked() -> None:
+    assert Kernel is not None
+    calls: list[float] = []
+
+    def fails_once(history: History, now: float, changes: list[float]) -> bool:
+        calls.append(now)
+        if len(calls) == 1:
+            raise RuntimeError("leaf failed")
+        return True
+
+    traits = (("t", 0, 5, 600.0, (0,)), ("u", 0, 5, 600.0, (1,)))
+    checks = (("a", (4, fails_once), None), ("b", (3, 1, 1, -1, 600.0), None))
+    kernel = Kernel(traits, {}, checks)
+    with pytest.raises(RuntimeError, match="leaf failed"):
+        kernel.evaluate({"t": [NOW - 1], "u": [NOW - 2]}, NOW)
+    # "a" reads only "t": a mark left from the failed call would try it again here.
+    assert kernel.evaluate({"u": [NOW - 2]}, NOW) == (["b"], NOW - 2 + 600.0)
+    assert calls == [NOW]
