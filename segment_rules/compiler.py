@@ -55,7 +55,15 @@ SEQUENCE_KEEP = 32  # event times kept per sequence step
 _KIND_CODES = {TIMES: 0, VALUES: 1, FIRST: 2, DECAY: 3, DONE: 4}
 _ALL, _ANY, _NOT, _COUNT, _PY, _TTL = range(6)
 
-__all__ = ["CompiledRules", "Evaluation", "History", "Trait", "compile_predicate", "trait_id"]
+__all__ = [
+    "CompiledRules",
+    "Evaluation",
+    "History",
+    "Kernel",
+    "Trait",
+    "compile_predicate",
+    "trait_id",
+]
 
 
 @dataclass

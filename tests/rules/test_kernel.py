@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from segment_rules import CompiledRules, History, parse_rules
-from segment_rules.compiler import Kernel
+from segment_rules.compiler import Kernel  # None when the extension is not built
 from segment_rules.model import RuleSet
 from tests.rules.strategies import STEP, events, rule_files, small_taxonomy
 
