@@ -8,6 +8,8 @@
 - dmp._answers: the lookup's cache-miss path (dmp/answer_build.py, docs/decisions/0012) and
   the replica load's counting sort (docs/decisions/0014).
   Without it dmp/replica.py's Python answers alone, slower.
+- dmp._events: the valid event's path of dmp/events.py's decode_event (docs/decisions/0015).
+  Without it the Python checks decide alone, slower.
 """
 
 from setuptools import Extension, setup
@@ -17,5 +19,6 @@ setup(
         Extension("segment_rules._fastmatch", ["segment_rules/_fastmatch.c"]),
         Extension("segment_rules._kernel", ["segment_rules/_kernel.c"]),
         Extension("dmp._answers", ["dmp/_answers.c"]),
+        Extension("dmp._events", ["dmp/_events.c"]),
     ]
 )
