@@ -56,10 +56,10 @@ install_python() {
         "$DMP_PYTHON" -m venv --clear "$DMP_VENV"
     fi
     local want have=""
-    # The C extensions (setup.py: segment_rules/_fastmatch.c, dmp/_answers.c) are built by
-    # the same install.
-    want=$(cat "$DMP_ROOT/pyproject.toml" "$DMP_ROOT/setup.py" "$DMP_ROOT/segment_rules/_fastmatch.c" \
-        "$DMP_ROOT/dmp/_answers.c" | sha256sum | cut -d' ' -f1)
+    # The C extensions (setup.py: segment_rules/*.c, dmp/*.c) are built by the same install,
+    # so a change to any of them installs again.
+    want=$(cat "$DMP_ROOT/pyproject.toml" "$DMP_ROOT/setup.py" "$DMP_ROOT"/segment_rules/*.c \
+        "$DMP_ROOT"/dmp/*.c | sha256sum | cut -d' ' -f1)
     [[ -f $stamp ]] && have=$(<"$stamp")
     if [[ $want == "$have" ]]; then
         log "python: $DMP_VENV up to date with pyproject.toml and the C extensions"
