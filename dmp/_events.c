@@ -16,17 +16,28 @@
 #define MIN_TS 946684800.0
 #define MAX_TS 4102444800.0
 
-static const char *GEO_FIELDS[] = {"country", "region", "metro", "city", "zip"};
+/* The field names, as interned str made once: PyDict_GetItemString would make and hash a
+ * new str per look-up, which cost more than all the checks together. */
+enum { F_UID, F_TS, F_TYPE, F_URL, F_CATEGORIES, F_GEO, F_ATTRS, F_GEO_FIRST };
+static const char *NAMES[] = {"uid", "ts", "type", "url", "categories", "geo", "attrs",
+                              "country", "region", "metro", "city", "zip"};
+#define N_NAMES (sizeof NAMES / sizeof *NAMES)
+
+typedef struct {
+    PyObject *names[N_NAMES];
+} State;
+
+static inline State *state_of(PyObject *module) { return (State *)PyModule_GetState(module); }
 
 /* event.get(name): borrowed, NULL when absent or null (JSON null is "absent" in v1). */
-static int field(PyObject *event, const char *name, PyObject **out) {
-    PyObject *value = PyDict_GetItemString(event, name);
-    *out = value == Py_None ? NULL : value;
-    return 0;
+static inline PyObject *field(PyObject *event, PyObject *name) {
+    PyObject *value = PyDict_GetItemWithError(event, name);
+    if (value == NULL) PyErr_Clear(); /* str keys: a failure is only "absent" */
+    return value == Py_None ? NULL : value;
 }
 
-static int uid_ok(PyObject *event, PyObject *key) {
-    PyObject *uid = PyDict_GetItemString(event, "uid");
+static int uid_ok(State *st, PyObject *event, PyObject *key) {
+    PyObject *uid = field(event, st->names[F_UID]);
     if (uid == NULL || !PyUnicode_Check(uid) || key == Py_None || !PyBytes_Check(key)) return 0;
     Py_ssize_t length = PyUnicode_GET_LENGTH(uid);
     if (length == 0 || length > MAX_UID_LENGTH) return 0;
@@ -40,8 +51,8 @@ static int uid_ok(PyObject *event, PyObject *key) {
 }
 
 /* A number (not true/false) in the plausible range and not too far ahead: its value. */
-static int ts_ok(PyObject *event, double latest, double *out) {
-    PyObject *ts = PyDict_GetItemString(event, "ts");
+static int ts_ok(State *st, PyObject *event, double latest, double *out) {
+    PyObject *ts = field(event, st->names[F_TS]);
     if (ts == NULL) return 0;
     double value;
     if (PyFloat_Check(ts)) {
@@ -67,7 +78,7 @@ static int ts_ok(PyObject *event, double latest, double *out) {
 static int optional_str(PyObject *value) { return value == NULL || PyUnicode_Check(value); }
 
 static PyObject *usable(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    (void)module;
+    State *st = state_of(module);
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "usable(event, key, latest, types)");
         return NULL;
@@ -79,40 +90,35 @@ static PyObject *usable(PyObject *module, PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_TypeError, "types must be a set or frozenset");
         return NULL;
     }
-    if (!PyDict_Check(event) || !uid_ok(event, key)) Py_RETURN_FALSE;
+    if (!PyDict_Check(event) || !uid_ok(st, event, key)) Py_RETURN_FALSE;
     double ts;
-    if (!ts_ok(event, latest, &ts)) Py_RETURN_FALSE;
-    PyObject *kind, *url, *categories, *geo, *attrs;
-    field(event, "type", &kind);
+    if (!ts_ok(st, event, latest, &ts)) Py_RETURN_FALSE;
+    PyObject *kind = field(event, st->names[F_TYPE]);
     if (kind == NULL || !PyUnicode_Check(kind)) Py_RETURN_FALSE;
     int known = PySet_Contains(types, kind);
     if (known < 0) return NULL;
     if (!known) Py_RETURN_FALSE;
-    field(event, "url", &url);
+    PyObject *url = field(event, st->names[F_URL]);
     if (!optional_str(url)) Py_RETURN_FALSE;
-    field(event, "categories", &categories);
+    PyObject *categories = field(event, st->names[F_CATEGORIES]);
     if (categories != NULL) {
         if (!PyList_Check(categories) || PyList_GET_SIZE(categories) > MAX_CATEGORIES)
             Py_RETURN_FALSE;
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(categories); i++)
             if (!PyUnicode_Check(PyList_GET_ITEM(categories, i))) Py_RETURN_FALSE;
     }
-    field(event, "geo", &geo);
+    PyObject *geo = field(event, st->names[F_GEO]);
     if (geo != NULL) {
         if (!PyDict_Check(geo)) Py_RETURN_FALSE;
-        for (size_t i = 0; i < sizeof GEO_FIELDS / sizeof *GEO_FIELDS; i++) {
-            PyObject *part;
-            field(geo, GEO_FIELDS[i], &part);
-            if (!optional_str(part)) Py_RETURN_FALSE;
-        }
+        for (size_t i = F_GEO_FIRST; i < N_NAMES; i++)
+            if (!optional_str(field(geo, st->names[i]))) Py_RETURN_FALSE;
     }
-    field(event, "attrs", &attrs);
+    PyObject *attrs = field(event, st->names[F_ATTRS]);
     if (attrs != NULL && !PyDict_Check(attrs)) Py_RETURN_FALSE;
-    PyObject *stored = PyDict_GetItemString(event, "ts");
-    if (!PyFloat_CheckExact(stored)) { /* the Python stores float(ts) */
+    if (!PyFloat_CheckExact(field(event, st->names[F_TS]))) { /* the Python stores float(ts) */
         PyObject *as_float = PyFloat_FromDouble(ts);
         if (as_float == NULL) return NULL;
-        int rc = PyDict_SetItemString(event, "ts", as_float);
+        int rc = PyDict_SetItem(event, st->names[F_TS], as_float);
         Py_DECREF(as_float);
         if (rc < 0) return NULL;
     }
@@ -126,10 +132,36 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static int module_traverse(PyObject *module, visitproc visit, void *arg) {
+    State *st = state_of(module);
+    for (size_t i = 0; st != NULL && i < N_NAMES; i++) Py_VISIT(st->names[i]);
+    return 0;
+}
+
+static int module_clear(PyObject *module) {
+    State *st = state_of(module);
+    for (size_t i = 0; st != NULL && i < N_NAMES; i++) Py_CLEAR(st->names[i]);
+    return 0;
+}
+
+static void module_free(void *module) { module_clear((PyObject *)module); }
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "dmp._events",
-    "The valid event's path of dmp/events.py's decode_event, in C.", -1, methods,
-    NULL, NULL, NULL, NULL,
+    "The valid event's path of dmp/events.py's decode_event, in C.", sizeof(State), methods,
+    NULL, module_traverse, module_clear, module_free,
 };
 
-PyMODINIT_FUNC PyInit__events(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__events(void) {
+    PyObject *mod = PyModule_Create(&module);
+    if (mod == NULL) return NULL;
+    State *st = state_of(mod);
+    for (size_t i = 0; i < N_NAMES; i++) {
+        st->names[i] = PyUnicode_InternFromString(NAMES[i]);
+        if (st->names[i] == NULL) {
+            Py_DECREF(mod);
+            return NULL;
+        }
+    }
+    return mod;
+}
