@@ -17,7 +17,12 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("segment_rules._fastmatch", ["segment_rules/_fastmatch.c"]),
-        Extension("segment_rules._kernel", ["segment_rules/_kernel.c"]),
+        # No fused multiply-add: decaying scores must round exactly as compiler.py's Python.
+        Extension(
+            "segment_rules._kernel",
+            ["segment_rules/_kernel.c"],
+            extra_compile_args=["-ffp-contract=off"],
+        ),
         Extension("dmp._answers", ["dmp/_answers.c"]),
         Extension("dmp._events", ["dmp/_events.c"]),
     ]

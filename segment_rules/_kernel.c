@@ -38,6 +38,7 @@ typedef struct {
 typedef struct {
     Py_ssize_t trait; /* a times or decaying-score trait */
     double points, half_life; /* a decaying score's */
+    PyObject *points_obj; /* stored as given in a new score state, as the Python does */
 } Update;
 
 typedef struct {
@@ -81,11 +82,17 @@ typedef struct {
 /* -- helpers ---------------------------------------------------------------------------- */
 
 static inline int as_time(PyObject *o, double *out) {
-    if (PyFloat_CheckExact(o)) {
+    if (PyFloat_Check(o)) {
         *out = PyFloat_AS_DOUBLE(o);
         return 0;
     }
-    double v = PyFloat_AsDouble(o);
+    /* Only ints besides: anything else could run Python code (__float__) while a borrowed
+     * list is being read. The Python refuses such entries too, by comparing them. */
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "a time must be a number, not %.100s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    double v = PyLong_AsDouble(o);
     if (v == -1.0 && PyErr_Occurred()) return -1;
     *out = v;
     return 0;
@@ -146,6 +153,14 @@ static int check_history(PyObject *history) {
     return 0;
 }
 
+static int ready(Kernel *k) {
+    if (k->trait_of == NULL || k->test_of == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the kernel was not built (Kernel.__init__ failed?)");
+        return 0;
+    }
+    return 1;
+}
+
 static int index_of(PyObject *map, PyObject *key, Py_ssize_t *out) {
     PyObject *found = PyDict_GetItemWithError(map, key);
     if (found == NULL) return PyErr_Occurred() ? -1 : 0;
@@ -157,30 +172,44 @@ static int index_of(PyObject *map, PyObject *key, Py_ssize_t *out) {
 /* -- record ----------------------------------------------------------------------------- */
 
 /* compiler._add_points: a decaying score as [reference time, score at that time]. */
-static int add_points(Trait *t, Update *u, PyObject *history, double ts, double now) {
+static int add_points(Trait *t, Update *u, PyObject *history, PyObject *ts_obj, double ts,
+                      double now) {
     PyObject *state = history_list(history, t->id);
     if (state == NULL && PyErr_Occurred()) return -1;
     double ref = 0.0, score = 0.0;
     if (state != NULL) {
-        if (PyList_GET_SIZE(state) < 2) {
-            PyErr_SetString(PyExc_IndexError, "score state is not [time, score]");
+        if (PyList_GET_SIZE(state) == 0) {
+            PyErr_SetString(PyExc_IndexError, "list index out of range");
             return -1;
         }
         if (as_time(PyList_GET_ITEM(state, 0), &ref) < 0) return -1;
     }
     if (state == NULL || ref <= now - t->keep_for) {
-        PyObject *fresh = Py_BuildValue("[dd]", ts, u->points);
+        PyObject *fresh = PyList_New(2);
         if (fresh == NULL) return -1;
+        PyList_SET_ITEM(fresh, 0, Py_NewRef(ts_obj));
+        PyList_SET_ITEM(fresh, 1, Py_NewRef(u->points_obj));
         int rc = PyDict_SetItem(history, t->id, fresh);
         Py_DECREF(fresh);
         return rc;
     }
+    if (PyList_GET_SIZE(state) != 2) { /* the Python's "ref, score = state" */
+        PyErr_SetString(PyExc_ValueError, "a score state is [time, score]");
+        return -1;
+    }
     if (as_time(PyList_GET_ITEM(state, 1), &score) < 0) return -1;
     if (ts >= ref) {
-        PyObject *moved = Py_BuildValue("[dd]", ts, score * exp2(-(ts - ref) / u->half_life) + u->points);
+        PyObject *moved = PyFloat_FromDouble(score * exp2(-(ts - ref) / u->half_life) + u->points);
         if (moved == NULL) return -1;
-        int rc = PyDict_SetItem(history, t->id, moved);
-        Py_DECREF(moved);
+        PyObject *pair = PyList_New(2);
+        if (pair == NULL) {
+            Py_DECREF(moved);
+            return -1;
+        }
+        PyList_SET_ITEM(pair, 0, Py_NewRef(ts_obj));
+        PyList_SET_ITEM(pair, 1, moved);
+        int rc = PyDict_SetItem(history, t->id, pair);
+        Py_DECREF(pair);
         return rc;
     }
     PyObject *added = PyFloat_FromDouble(score + u->points * exp2(-(ref - ts) / u->half_life));
@@ -192,7 +221,7 @@ static int record_one(Trait *t, Update *u, PyObject *history, PyObject *ts_obj, 
                       double now) {
     double bound = now - t->keep_for;
     if (ts <= bound) return 0; /* too late to count anywhere */
-    if (t->kind == K_DECAY) return add_points(t, u, history, ts, now);
+    if (t->kind == K_DECAY) return add_points(t, u, history, ts_obj, ts, now);
     PyObject *stamps = history_list(history, t->id);
     if (stamps == NULL && PyErr_Occurred()) return -1;
     if (stamps == NULL || PyList_GET_SIZE(stamps) == 0) {
@@ -229,7 +258,7 @@ static PyObject *Kernel_record(PyObject *self, PyObject *const *args, Py_ssize_t
     }
     PyObject *history = args[0], *ts_obj = args[1];
     double ts, now;
-    if (check_history(history) < 0 || as_time(ts_obj, &ts) < 0 || as_time(args[3], &now) < 0)
+    if (!ready(k) || check_history(history) < 0 || as_time(ts_obj, &ts) < 0 || as_time(args[3], &now) < 0)
         return NULL;
     PyObject *seq = PySequence_Fast(args[2], "tests must be a sequence");
     if (seq == NULL) return NULL;
@@ -265,7 +294,7 @@ static PyObject *Kernel_prune(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     PyObject *history = args[0];
     double now;
-    if (check_history(history) < 0 || as_time(args[1], &now) < 0) return NULL;
+    if (!ready(k) || check_history(history) < 0 || as_time(args[1], &now) < 0) return NULL;
     PyObject *keys = PyDict_Keys(history); /* deleted from while walked */
     if (keys == NULL) return NULL;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
@@ -429,15 +458,17 @@ static PyObject *Kernel_evaluate(PyObject *self, PyObject *const *args, Py_ssize
         return NULL;
     }
     Eval e = {args[0], args[1], 0.0, INFINITY, NULL};
-    PyObject *members = NULL;
-    if (check_history(e.history) < 0 || as_time(e.now_obj, &e.now) < 0) return NULL;
-    /* A rule never holds without its state: only segments reading a trait held are tried. */
-    Py_ssize_t lo = k->nchecks, hi = 0, pos = 0;
-    PyObject *key, *value;
+    if (!ready(k) || check_history(e.history) < 0 || as_time(e.now_obj, &e.now) < 0) return NULL;
+    /* A rule never holds without its state: only segments reading a trait held are tried.
+     * The marks are taken into this call's own list, in order, before any Python leaf can
+     * run (and call evaluate again). */
+    Py_ssize_t lo = k->nchecks, hi = 0, pos = 0, ncands = 0;
+    PyObject *key, *value, *members = NULL, *next = NULL, *out = NULL;
+    Py_ssize_t *cands = NULL;
     while (PyDict_Next(e.history, &pos, &key, &value)) {
         Py_ssize_t at;
         int found = index_of(k->trait_of, key, &at);
-        if (found < 0) goto fail;
+        if (found < 0) goto done;
         if (!found) continue;
         Trait *t = &k->traits[at];
         for (Py_ssize_t j = 0; j < t->nchecks; j++) {
@@ -447,31 +478,37 @@ static PyObject *Kernel_evaluate(PyObject *self, PyObject *const *args, Py_ssize
             if (c >= hi) hi = c + 1;
         }
     }
+    if (hi > lo) {
+        cands = PyMem_Malloc((size_t)(hi - lo) * sizeof(Py_ssize_t));
+        if (cands == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    for (Py_ssize_t c = lo; c < hi; c++)
+        if (k->marks[c]) {
+            k->marks[c] = 0;
+            cands[ncands++] = c;
+        }
+    lo = hi = 0;
     members = PyList_New(0);
-    if (members == NULL) goto fail;
-    for (Py_ssize_t c = lo; c < hi; c++) {
-        if (!k->marks[c]) continue;
-        k->marks[c] = 0;
-        Check *check = &k->checks[c];
+    if (members == NULL) goto done;
+    for (Py_ssize_t i = 0; i < ncands; i++) {
+        Check *check = &k->checks[cands[i]];
         int r = holds(k, check->holds, &e);
         if (r > 0 && check->ttl >= 0) r = holds(k, check->ttl, &e);
-        if (r < 0 || (r && PyList_Append(members, check->id) < 0)) goto fail;
+        if (r < 0 || (r && PyList_Append(members, check->id) < 0)) goto done;
     }
-    Py_XDECREF(e.changes);
-    PyObject *next = isinf(e.next) ? Py_NewRef(Py_None) : PyFloat_FromDouble(e.next);
-    if (next == NULL) {
-        Py_DECREF(members);
-        return NULL;
-    }
-    PyObject *out = PyTuple_Pack(2, members, next);
-    Py_DECREF(members);
-    Py_DECREF(next);
-    return out;
-fail:
-    if (k->nchecks) memset(k->marks, 0, (size_t)k->nchecks);
+    /* INFINITY is "no change time": a change time can only be a time plus a duration. */
+    next = e.next == INFINITY ? Py_NewRef(Py_None) : PyFloat_FromDouble(e.next);
+    if (next != NULL) out = PyTuple_Pack(2, members, next);
+done:
+    for (Py_ssize_t c = lo; c < hi; c++) k->marks[c] = 0; /* after an error while marking */
+    PyMem_Free(cands);
     Py_XDECREF(members);
+    Py_XDECREF(next);
     Py_XDECREF(e.changes);
-    return NULL;
+    return out;
 }
 
 /* -- building --------------------------------------------------------------------------- */
@@ -592,7 +629,11 @@ static void kernel_free(Kernel *k) {
     PyMem_Free(k->traits);
     k->traits = NULL;
     k->ntraits = 0;
-    for (Py_ssize_t i = 0; i < k->ntests; i++) PyMem_Free(k->tests[i].updates);
+    for (Py_ssize_t i = 0; i < k->ntests; i++) {
+        for (Py_ssize_t j = 0; k->tests[i].updates && j < k->tests[i].nupdates; j++)
+            Py_XDECREF(k->tests[i].updates[j].points_obj);
+        PyMem_Free(k->tests[i].updates);
+    }
     PyMem_Free(k->tests);
     k->tests = NULL;
     k->ntests = 0;
@@ -633,8 +674,7 @@ static int Kernel_init(PyObject *self, PyObject *args, PyObject *kwargs) {
     k->traits = PyMem_Calloc((size_t)(ntraits ? ntraits : 1), sizeof(Trait));
     k->checks = PyMem_Calloc((size_t)(nchecks ? nchecks : 1), sizeof(Check));
     k->marks = PyMem_Calloc((size_t)(nchecks ? nchecks : 1), 1);
-    k->tests = PyMem_Calloc((size_t)(PyDict_GET_SIZE(tests) ? PyDict_GET_SIZE(tests) : 1),
-                            sizeof(Test));
+    k->tests = PyMem_Calloc((size_t)(PyDict_GET_SIZE(tests) + 1), sizeof(Test));
     k->trait_of = PyDict_New();
     k->test_of = PyDict_New();
     if (!k->traits || !k->checks || !k->marks || !k->tests || !k->trait_of || !k->test_of) {
@@ -663,9 +703,13 @@ static int Kernel_init(PyObject *self, PyObject *args, PyObject *kwargs) {
         }
         Py_DECREF(at);
     }
-    Py_ssize_t pos = 0;
+    Py_ssize_t pos = 0, ntests = PyDict_GET_SIZE(tests);
     PyObject *test_id, *spec;
     while (PyDict_Next(tests, &pos, &test_id, &spec)) {
+        if (k->ntests >= ntests) {
+            PyErr_SetString(PyExc_RuntimeError, "tests changed while the kernel was built");
+            goto fail;
+        }
         Test *test = &k->tests[k->ntests];
         PyObject *updates;
         int other;
@@ -682,10 +726,17 @@ static int Kernel_init(PyObject *self, PyObject *args, PyObject *kwargs) {
         }
         for (Py_ssize_t j = 0; j < test->nupdates; j++) {
             Update *u = &test->updates[j];
+            PyObject *points;
             if (!PyArg_ParseTuple(PyTuple_GET_ITEM(updates, j),
-                                  "ndd;an update is (trait index, points, half-life)", &u->trait,
-                                  &u->points, &u->half_life))
+                                  "nOd;an update is (trait index, points, half-life)", &u->trait,
+                                  &points, &u->half_life))
                 goto fail;
+            if (!PyFloat_Check(points) && !PyLong_Check(points)) {
+                PyErr_SetString(PyExc_TypeError, "an update's points must be a number");
+                goto fail;
+            }
+            u->points_obj = Py_NewRef(points);
+            if (as_time(points, &u->points) < 0) goto fail;
             if (u->trait < 0 || u->trait >= ntraits) {
                 PyErr_SetString(PyExc_ValueError, "update: trait index out of range");
                 goto fail;

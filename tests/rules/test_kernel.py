@@ -36,23 +36,47 @@ def test_native_false_keeps_the_python() -> None:
     assert CompiledRules(load({"segments": []}), native=False)._kernel is None
 
 
+_TIMES = st.integers(-2, 12 * 48).map(lambda k: NOW - k * STEP)
+
+
+def stored_state(kind: str) -> st.SearchStrategy[list[Any]]:
+    """A trait's state as the store may hold it (compiler.py's module docstring)."""
+    if kind == "times":
+        return st.lists(_TIMES, min_size=1, max_size=6).map(sorted)
+    if kind == "values":
+        pairs = st.lists(st.tuples(_TIMES, st.sampled_from([0, 5, 120.5])), min_size=1)
+        return pairs.map(lambda ps: [[t, v] for t, v in sorted(ps)])
+    if kind == "first":
+        return st.lists(_TIMES, min_size=2, max_size=2).map(sorted)
+    if kind == "decay":
+        return st.tuples(_TIMES, st.sampled_from([0.5, 3, 9.25])).map(list)
+    return st.tuples(_TIMES).map(list)
+
+
+def same(mine: History, theirs: History) -> bool:
+    """Equal as stored: the same JSON (ints stay ints), whatever the order of the traits."""
+    return orjson.dumps(mine, option=orjson.OPT_SORT_KEYS) == orjson.dumps(
+        theirs, option=orjson.OPT_SORT_KEYS
+    )
+
+
 @needs_kernel
 @PROPERTY
 @given(doc=rule_files(), stream=st.data())
 def test_kernel_agrees_with_python(doc: dict[str, Any], stream: st.DataObject) -> None:
-    """Batches at moving times, in any order of event times, some histories read back from
-    JSON (as the store does), each followed by prune and evaluate: the same histories,
-    memberships and next change times, exactly."""
+    """From a stored history, batches at moving times, in any order of event times, some
+    read back from JSON (as the store does), each followed by prune and evaluate: the same
+    histories, memberships and next change times, exactly."""
     ruleset = load(doc)
     native, python = CompiledRules(ruleset), CompiledRules(ruleset, native=False)
     assert native._kernel is not None
     assert python._kernel is None
-    # A stored history may hold more times than the rules keep now (a rule changed).
+    # A stored history: of every kind, and holding more than the rules keep now (a rule
+    # changed), some of it expired.
     mine: History = {}
     for trait in native.traits:
-        if trait.kind == "times" and stream.draw(st.booleans()):
-            ks = stream.draw(st.lists(st.integers(0, 12 * 48), min_size=1, max_size=6))
-            mine[trait.id] = sorted(NOW - k * STEP for k in ks)
+        if stream.draw(st.booleans()):
+            mine[trait.id] = stream.draw(stored_state(trait.kind))
     theirs = copy.deepcopy(mine)
     now = NOW
     for _ in range(stream.draw(st.integers(1, 4))):
@@ -63,14 +87,14 @@ def test_kernel_agrees_with_python(doc: dict[str, Any], stream: st.DataObject) -
             tests = native.matching_traits(event)
             native.record(mine, ts, tests, now, event)
             python.record(theirs, ts, tests, now, event)
-            assert mine == theirs
+            assert same(mine, theirs)
         if stream.draw(st.booleans()):
             mine = orjson.loads(orjson.dumps(mine))
             theirs = orjson.loads(orjson.dumps(theirs))
         at = now + stream.draw(st.integers(0, 10 * 48)) * STEP
         native.prune(mine, at)
         python.prune(theirs, at)
-        assert mine == theirs
+        assert same(mine, theirs)
         assert native.evaluate(mine, at) == python.evaluate(theirs, at)
 
 
@@ -155,3 +179,37 @@ def test_an_error_in_a_python_leaf_leaves_no_candidate_marked() -> None:
     # "a" reads only "t": a mark left from the failed call would try it again here.
     assert kernel.evaluate({"u": [NOW - 2]}, NOW) == (["b"], NOW - 2 + 600.0)
     assert calls == [NOW]
+
+
+@needs_kernel
+def test_a_python_leaf_may_evaluate_again() -> None:
+    """The candidates are the call's own: a leaf evaluating again (another thread, say)
+    does not take them from the call that ran it."""
+    assert Kernel is not None
+    inner: list[tuple[list[str], float | None]] = []
+
+    def reenters(history: History, now: float, changes: list[float]) -> bool:
+        if not inner:
+            inner.append(kernel.evaluate({"u": [NOW - 2]}, now))
+        return True
+
+    traits = (("t", 0, 5, 600.0, (0,)), ("u", 0, 5, 600.0, (1,)))
+    checks = (("a", (4, reenters), None), ("b", (3, 1, 1, -1, 600.0), None))
+    kernel = Kernel(traits, {}, checks)
+    assert kernel.evaluate({"t": [NOW - 1], "u": [NOW - 2]}, NOW) == (["a", "b"], NOW - 2 + 600)
+    assert inner == [(["b"], NOW - 2 + 600)]
+
+
+@needs_kernel
+def test_a_kernel_never_built_refuses_work() -> None:
+    assert Kernel is not None
+    unbuilt = Kernel.__new__(Kernel)
+    for call in (
+        lambda: unbuilt.evaluate({}, NOW),
+        lambda: unbuilt.prune({}, NOW),
+        lambda: unbuilt.record({}, NOW, (), NOW),
+    ):
+        with pytest.raises(RuntimeError, match="not built"):
+            call()
+    with pytest.raises(ValueError, match="unknown trait kind"):
+        Kernel((("t", 9, 1, 60.0, ()),), {}, ())
