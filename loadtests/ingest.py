@@ -16,13 +16,13 @@
    the producer runs on the same machine: the live maximum (docs/decisions/0010). When it
    fell well behind (under 0.9 x offered), once more at 1.1 x that rate, since producing
    far above capacity costs more than the freshness phase does; the higher reading counts.
-3. Freshness. The same, on another fresh topic, at 80 % of the live maximum (of the
-   pre-produced one when the live run left no backlog, or with ``--freshness-basis
-   pre-produced``, the basis before 0010; both rates are printed), plus every 50 ms a probe
-   event for a never-seen cookie; each probe's latency is from its produce time to the
-   lookup's HTTP answer naming the ``lt_probe`` segment (polled every 10 ms), split at the
-   moment Redis holds its offset (sampled every 10 ms): produce -> committed by ingest ->
-   visible in the lookup.
+3. Freshness. The same, ``--freshness-runs`` times (3), each on another fresh topic, at 80 %
+   of the live maximum (of the pre-produced one when the live run left no backlog, or with
+   ``--freshness-basis pre-produced``, the basis before 0010; both rates are printed), plus
+   every 50 ms a probe event for a never-seen cookie; each probe's latency is from its
+   produce time to the lookup's HTTP answer naming the ``lt_probe`` segment (polled every
+   10 ms), split at the moment Redis holds its offset (sampled every 10 ms): produce ->
+   committed by ingest -> visible in the lookup. The run with the median p99 is the result.
 
 Writes results/ingest.json and ingest.png, prints the tables. Budgets (ARCHITECTURE.md):
 >= 50,000 events/s with 100 segments; >= 0.5 x decode-only with 1,000; freshness p99 <= 1 s.
@@ -460,6 +460,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--freshness-seconds", type=float, default=20.0)
     parser.add_argument("--freshness-fraction", type=float, default=0.8)
     parser.add_argument(
+        "--freshness-runs",
+        type=int,
+        default=3,
+        help="freshness runs at the same rate, each on a fresh topic; the run with the median"
+        " p99 is reported (the lower middle one for an even count)",
+    )
+    parser.add_argument(
         "--freshness-basis",
         choices=["live", "pre-produced"],
         default="live",
@@ -555,9 +562,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f" for {args.freshness_seconds:.0f}s ...",
         flush=True,
     )
-    fresh = run_freshness(
-        bootstrap, redis_url, rules_path, background, rate, args.freshness_seconds, work
-    )
+    fresh_runs = []
+    for run in range(args.freshness_runs):
+        if run:  # other cookies and times each run, at the same rate
+            background = encode_events(
+                world,
+                int(rate * args.freshness_seconds) + 1,
+                args.cookies,
+                args.seed + 100 + run,
+                4,
+            )
+        fresh_runs.append(
+            run_freshness(
+                bootstrap, redis_url, rules_path, background, rate, args.freshness_seconds, work
+            )
+        )
+        print(f"freshness run {run + 1}: p99 {fresh_runs[-1]['p99_s']:.3f} s", flush=True)
+    fresh = median_run(fresh_runs)
+    fresh["runs"] = fresh_runs
     fresh["basis"] = basis
     fresh["basis_rate"] = reference
     fresh["fraction"] = args.freshness_fraction
@@ -570,6 +592,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_result("ingest", doc, lambda p: chart(doc, p), args.results)
     print_tables(doc)
     return doc
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A copy of the run with the median p99 (the lower middle one for an even count)."""
+    ordered = sorted(runs, key=lambda r: r["p99_s"])
+    return dict(ordered[(len(ordered) - 1) // 2])
 
 
 def saturated(live: dict[str, Any]) -> bool:
@@ -626,8 +654,8 @@ def summarise(
             by_n[1000]["ratio_to_decode_only"] >= RATIO_BUDGET
         )
     budgets["freshness_p99_at_most_1s"] = fresh["p99_s"] <= FRESHNESS_BUDGET_S
-    fresh["suspect"] = fresh["others_busy_cores"] > OTHERS_SUSPECT_CORES or any(
-        r["others_busy_cores"] > OTHERS_SUSPECT_CORES for r in fresh["live_runs"]
+    fresh["suspect"] = any(
+        r["others_busy_cores"] > OTHERS_SUSPECT_CORES for r in fresh["live_runs"] + fresh["runs"]
     )
     return {
         "test": "ingest",
@@ -641,6 +669,7 @@ def summarise(
             "freshness_segments": args.freshness_segments,
             "freshness_seconds": args.freshness_seconds,
             "freshness_fraction": args.freshness_fraction,
+            "freshness_runs": args.freshness_runs,
             "freshness_basis": args.freshness_basis,
             "ingest_core": SERVER_CORE,
             "producer_core": CLIENT_CORE,
@@ -670,7 +699,11 @@ def print_tables(doc: dict[str, Any]) -> None:
         f" {f['rate_on_old_basis']:,.0f}/s."
     )
     runs = [(f"live max {n + 1}", r) for n, r in enumerate(f["live_runs"])]
-    runs.append(("freshness", f))
+    median_p99 = f["p99_s"]
+    runs += [
+        (f"freshness {n + 1}" + (" (median)" if r["p99_s"] == median_p99 else ""), r)
+        for n, r in enumerate(f["runs"])
+    ]
     print(
         table(
             [
@@ -737,7 +770,8 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("events/s, Kafka to committed Redis (one process)")
     f = doc["freshness"]
     ax.set_title(
-        f"ingest throughput; freshness p99 {f['p99_s']:.2f}s at {f['offered_rate']:,.0f}/s"
+        f"ingest throughput; freshness p99 {f['p99_s']:.2f}s (median of {len(f['runs'])})"
+        f" at {f['offered_rate']:,.0f}/s"
     )
     ax.legend(fontsize=8)
     fig.tight_layout()

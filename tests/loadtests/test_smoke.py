@@ -67,7 +67,7 @@ def test_ingest_smoke(stack: Settings, tmp_path: Path) -> None:
         [
             *("--events", "2000", "--cookies", "10000", "--segments", "10", "--runs", "1"),
             *("--freshness-segments", "10", "--freshness-seconds", "2"),
-            *("--results", str(tmp_path)),
+            *("--freshness-runs", "2", "--results", str(tmp_path)),
         ]
     )
     doc = _result(tmp_path, "ingest")
@@ -78,6 +78,10 @@ def test_ingest_smoke(stack: Settings, tmp_path: Path) -> None:
     assert fresh["probes"] > 0
     assert fresh["lost_probes"] == 0
     assert _positive(fresh["p99_s"])
+    # Two runs: the reported one is the lower middle, i.e. the one with the lower p99.
+    assert len(fresh["runs"]) == 2
+    assert fresh["p99_s"] == min(r["p99_s"] for r in fresh["runs"])
+    assert all(r["lost_probes"] == 0 for r in fresh["runs"])
 
 
 def test_memory_smoke(prefix: str, tmp_path: Path) -> None:
