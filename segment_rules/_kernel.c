@@ -10,9 +10,9 @@
  *     Python: the call says whether the event fed one.
  *   - prune: drop entries older than their trait keeps them, and traits no rule uses.
  *   - evaluate: the active base segments a history holds at a time, and the earliest time
- *     that can change with no new event. Count leaves ("at least N within D"), and/or/not
- *     and segment TTLs run here; every other leaf is its Python closure, called with the
- *     same (history, now, change times) arguments as in compiler.py.
+ *     that can change with no new event. Every leaf but sums and averages (whose math.fsum
+ *     stays in Python: its closure is called with the same (history, now, change times)
+ *     arguments as in compiler.py), and/or/not and segment TTLs run here.
  * Each does exactly what the Python in compiler.py does, with the same lists changed in
  * place; the Python stays as the reference, and a property test holds the two equal.
  *
@@ -24,7 +24,7 @@
 #include <string.h>
 
 enum { K_TIMES, K_VALUES, K_FIRST, K_DECAY, K_DONE };
-enum { OP_ALL, OP_ANY, OP_NOT, OP_COUNT, OP_PY, OP_TTL };
+enum { OP_ALL, OP_ANY, OP_NOT, OP_COUNT, OP_PY, OP_TTL, OP_LAPSED, OP_FIRST, OP_DONE, OP_DECAYED, OP_WINDOWED };
 
 typedef struct {
     PyObject *id; /* the trait id: the history's key */
@@ -49,12 +49,16 @@ typedef struct {
 
 typedef struct {
     int op;
-    Py_ssize_t n;      /* children (all, any, not) or traits (ttl) */
+    Py_ssize_t n;      /* children (all, any, not) or traits (ttl, windowed score) */
     Py_ssize_t *items; /* child node indices, or trait indices */
-    Py_ssize_t trait;  /* count */
+    double *weights;   /* windowed score: each trait's points */
+    Py_ssize_t trait;  /* count, lapsed, first seen, sequence, decaying score */
     long at_least;     /* count */
     long at_most;      /* count; < 0: no upper bound */
-    double span;       /* count: its window; ttl: the segment's TTL */
+    double span;       /* count, sequence: the window; ttl: the TTL; lapsed: within;
+                        * first seen: within; scores: the window or the half-life */
+    double memory;     /* lapsed: the lookback; first seen, decaying score: the memory */
+    double least;      /* scores: at least this many points */
     PyObject *call;    /* py: the leaf's closure */
 } Node;
 
@@ -426,6 +430,116 @@ static int holds_ttl(Kernel *k, Node *node, Eval *e) {
     return 1;
 }
 
+/* The state of a leaf's trait: borrowed, NULL (no error) when absent or empty. */
+static int leaf_state(Kernel *k, Node *node, Eval *e, PyObject **out) {
+    PyObject *state = history_list(e->history, k->traits[node->trait].id);
+    if (state == NULL && PyErr_Occurred()) return -1;
+    *out = state != NULL && PyList_GET_SIZE(state) ? state : NULL;
+    return 0;
+}
+
+static int item_time(PyObject *list, Py_ssize_t i, double *out) {
+    if (i < 0) i += PyList_GET_SIZE(list);
+    if (i < 0 || i >= PyList_GET_SIZE(list)) {
+        PyErr_SetString(PyExc_IndexError, "list index out of range");
+        return -1;
+    }
+    return as_time(PyList_GET_ITEM(list, i), out);
+}
+
+/* compiler._lapsed: seen within the lookback, but not within ``within``. */
+static int holds_lapsed(Kernel *k, Node *node, Eval *e) {
+    PyObject *stamps;
+    double last;
+    if (leaf_state(k, node, e, &stamps) < 0) return -1;
+    if (stamps == NULL) return 0;
+    if (item_time(stamps, -1, &last) < 0) return -1;
+    if (last > e->now - node->span) {
+        changes_at(e, last + node->span); /* lapses then */
+        return 0;
+    }
+    if (last > e->now - node->memory) {
+        changes_at(e, last + node->memory); /* forgotten then */
+        return 1;
+    }
+    return 0;
+}
+
+/* compiler's first_seen: [first, last], forgotten ``memory`` after the last. */
+static int holds_first(Kernel *k, Node *node, Eval *e) {
+    PyObject *state;
+    double first, last;
+    if (leaf_state(k, node, e, &state) < 0) return -1;
+    if (state == NULL) return 0;
+    if (item_time(state, 1, &last) < 0) return -1;
+    if (last <= e->now - node->memory) return 0;
+    if (item_time(state, 0, &first) < 0) return -1;
+    if (first > e->now - node->span) {
+        changes_at(e, first + node->span);
+        return 1;
+    }
+    return 0;
+}
+
+/* compiler's sequence: the latest completion time, within the window. */
+static int holds_done(Kernel *k, Node *node, Eval *e) {
+    PyObject *state;
+    double done;
+    if (leaf_state(k, node, e, &state) < 0) return -1;
+    if (state == NULL) return 0;
+    if (item_time(state, 0, &done) < 0) return -1;
+    if (done > e->now - node->span) {
+        changes_at(e, done + node->span);
+        return 1;
+    }
+    return 0;
+}
+
+/* compiler._decayed_holds: compare times, not scores, so the crossing is exact. */
+static int holds_decayed(Kernel *k, Node *node, Eval *e) {
+    PyObject *state;
+    double ref, score;
+    if (leaf_state(k, node, e, &state) < 0) return -1;
+    if (state == NULL) return 0;
+    if (item_time(state, 0, &ref) < 0) return -1;
+    if (ref <= e->now - node->memory) return 0;
+    if (item_time(state, 1, &score) < 0) return -1;
+    if (score <= 0) return 0;
+    if (PyList_GET_SIZE(state) != 2) { /* the Python's "ref, score = state" */
+        PyErr_SetString(PyExc_ValueError, "a score state is [time, score]");
+        return -1;
+    }
+    double crossing = ref + node->span * log2(score / node->least);
+    if (e->now < crossing) {
+        double forgotten = ref + node->memory;
+        changes_at(e, crossing < forgotten ? crossing : forgotten);
+        return 1;
+    }
+    return 0;
+}
+
+/* compiler's windowed score: each test's points per event within the window. */
+static int holds_windowed(Kernel *k, Node *node, Eval *e) {
+    double total = 0.0;
+    for (Py_ssize_t i = 0; i < node->n; i++) {
+        PyObject *stamps = history_list(e->history, k->traits[node->items[i]].id);
+        Py_ssize_t count = 0;
+        if (stamps == NULL && PyErr_Occurred()) return -1;
+        if (stamps != NULL) {
+            Py_ssize_t start = bisect_right(stamps, e->now - node->span, 0);
+            if (start < 0) return -1;
+            count = PyList_GET_SIZE(stamps) - start;
+            if (count) {
+                double oldest;
+                if (as_time(PyList_GET_ITEM(stamps, start), &oldest) < 0) return -1;
+                changes_at(e, oldest + node->span);
+            }
+        }
+        total += node->weights[i] * (double)count;
+    }
+    return total >= node->least;
+}
+
 static int holds(Kernel *k, Py_ssize_t at, Eval *e) {
     Node *node = &k->nodes[at];
     switch (node->op) {
@@ -435,6 +549,16 @@ static int holds(Kernel *k, Py_ssize_t at, Eval *e) {
         return holds_python(node, e);
     case OP_TTL:
         return holds_ttl(k, node, e);
+    case OP_LAPSED:
+        return holds_lapsed(k, node, e);
+    case OP_FIRST:
+        return holds_first(k, node, e);
+    case OP_DONE:
+        return holds_done(k, node, e);
+    case OP_DECAYED:
+        return holds_decayed(k, node, e);
+    case OP_WINDOWED:
+        return holds_windowed(k, node, e);
     case OP_NOT: {
         int r = holds(k, node->items[0], e);
         return r < 0 ? -1 : !r;
@@ -584,6 +708,51 @@ static Py_ssize_t add_node(Kernel *k, PyObject *spec) {
             PyErr_SetString(PyExc_ValueError, "count node: trait index out of range");
             return -1;
         }
+    } else if ((op == OP_LAPSED || op == OP_FIRST || op == OP_DECAYED || op == OP_DONE) &&
+               size == (op == OP_DONE ? 3 : op == OP_DECAYED ? 5 : 4)) {
+        /* (op, trait, span[, memory[, least]]) */
+        node.trait = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 1));
+        node.span = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 2));
+        if (size > 3) node.memory = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 3));
+        if (size > 4) node.least = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 4));
+        if (PyErr_Occurred()) return -1;
+        if (node.trait < 0 || node.trait >= k->ntraits) {
+            PyErr_SetString(PyExc_ValueError, "leaf node: trait index out of range");
+            return -1;
+        }
+        if (op == OP_DECAYED && !(node.span > 0 && node.least > 0)) {
+            PyErr_SetString(PyExc_ValueError, "decaying score: half-life and points must be > 0");
+            return -1;
+        }
+    } else if (op == OP_WINDOWED && size == 5) {
+        /* (op, (trait, ...), (points, ...), window, least) */
+        Py_ssize_t nweights;
+        PyObject *fast = PySequence_Fast(PyTuple_GET_ITEM(spec, 2), "points must be a sequence");
+        if (fast == NULL) return -1;
+        nweights = PySequence_Fast_GET_SIZE(fast);
+        node.weights = PyMem_Calloc((size_t)(nweights ? nweights : 1), sizeof(double));
+        if (node.weights == NULL) {
+            Py_DECREF(fast);
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < nweights; i++)
+            node.weights[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
+        Py_DECREF(fast);
+        node.span = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 3));
+        node.least = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 4));
+        if (PyErr_Occurred() ||
+            read_indices(PyTuple_GET_ITEM(spec, 1), k->ntraits, &node.items, &node.n) < 0) {
+            PyMem_Free(node.weights);
+            PyMem_Free(node.items);
+            return -1;
+        }
+        if (node.n != nweights) {
+            PyErr_SetString(PyExc_ValueError, "windowed score: one points value per trait");
+            PyMem_Free(node.weights);
+            PyMem_Free(node.items);
+            return -1;
+        }
     } else if (op == OP_PY && size == 2) {
         node.call = PyTuple_GET_ITEM(spec, 1);
         if (!PyCallable_Check(node.call)) {
@@ -610,6 +779,7 @@ static Py_ssize_t add_node(Kernel *k, PyObject *spec) {
         Node *grown = PyMem_Realloc(k->nodes, (size_t)cap * sizeof(Node));
         if (grown == NULL) {
             PyMem_Free(node.items);
+            PyMem_Free(node.weights);
             Py_XDECREF(node.call);
             PyErr_NoMemory();
             return -1;
@@ -639,6 +809,7 @@ static void kernel_free(Kernel *k) {
     k->ntests = 0;
     for (Py_ssize_t i = 0; i < k->nnodes; i++) {
         PyMem_Free(k->nodes[i].items);
+        PyMem_Free(k->nodes[i].weights);
         Py_XDECREF(k->nodes[i].call);
     }
     PyMem_Free(k->nodes);

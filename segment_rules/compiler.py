@@ -53,7 +53,7 @@ MAX_VALUES = 256  # [time, value] pairs kept per sum/average trait: a cookie pas
 SEQUENCE_KEEP = 32  # event times kept per sequence step
 # The kernel's codes (segment_rules/_kernel.c): trait kinds, and its nodes' operations.
 _KIND_CODES = {TIMES: 0, VALUES: 1, FIRST: 2, DECAY: 3, DONE: 4}
-_ALL, _ANY, _NOT, _COUNT, _PY, _TTL = range(6)
+_ALL, _ANY, _NOT, _COUNT, _PY, _TTL, _LAPSED, _FIRST, _DONE, _DECAYED, _WINDOWED = range(11)
 
 __all__ = [
     "CompiledRules",
@@ -257,11 +257,25 @@ class CompiledRules:
                 return (_NOT, program(cond.part))
             if isinstance(cond, All) or not isinstance(cond, _LEAF_TYPES):
                 return (_ALL if isinstance(cond, All) else _ANY, tuple(map(program, cond.parts)))
+            ids = self._leaf_ids[id(cond)]
+            trait = index[ids[0]]
             if isinstance(cond, CountWithin):
                 at_most = -1 if cond.at_most is None else cond.at_most
-                trait = index[self._leaf_ids[id(cond)][0]]
                 return (_COUNT, trait, cond.at_least, at_most, float(cond.within))
-            return (_PY, self._leaf_check(cond))  # the other leaves: their Python closures
+            if isinstance(cond, NotSeenWithin):
+                return (_LAPSED, trait, float(cond.within), float(cond.lookback))
+            if isinstance(cond, FirstSeenWithin):
+                return (_FIRST, trait, float(cond.within), float(cond.memory))
+            if isinstance(cond, SequenceRule):
+                return (_DONE, index[ids[-1]], float(cond.within))
+            if isinstance(cond, Score) and cond.half_life is not None:
+                least = float(cond.at_least)
+                return (_DECAYED, trait, float(cond.half_life), float(cond.memory), least)
+            if isinstance(cond, Score) and cond.within is not None:
+                points = tuple(float(e.points) for e in cond.entries)
+                traits = tuple(index[t] for t in ids)
+                return (_WINDOWED, traits, points, float(cond.within), float(cond.at_least))
+            return (_PY, self._leaf_check(cond))  # sums and averages: math.fsum, in Python
 
         checks = []
         for seg in self._active_base:

@@ -53,6 +53,19 @@ def stored_state(kind: str) -> st.SearchStrategy[list[Any]]:
     return st.tuples(_TIMES).map(list)
 
 
+# The windows the strategies' rules use (tests/rules/strategies.py: DURATIONS, "10d").
+WINDOWS = [3600.0 * h for h in (1, 6, 24, 48, 72, 168, 240)]
+
+
+def held_times(history: History) -> set[float]:
+    """Every time in a history: entries, and the first element of [time, value] pairs."""
+    found: set[float] = set()
+    for state in history.values():
+        for entry in state:
+            found.add(float(entry[0] if isinstance(entry, list) else entry))
+    return found
+
+
 def same(mine: History, theirs: History) -> bool:
     """Equal as stored: the same JSON (ints stay ints), whatever the order of the traits."""
     return orjson.dumps(mine, option=orjson.OPT_SORT_KEYS) == orjson.dumps(
@@ -96,6 +109,11 @@ def test_kernel_agrees_with_python(doc: dict[str, Any], stream: st.DataObject) -
         python.prune(theirs, at)
         assert same(mine, theirs)
         assert native.evaluate(mine, at) == python.evaluate(theirs, at)
+        # And exactly at the boundaries: a time held plus a window the rules use.
+        times = sorted(held_times(mine))
+        for _ in range(stream.draw(st.integers(0, 6)) if times else 0):
+            edge = stream.draw(st.sampled_from(times)) + stream.draw(st.sampled_from(WINDOWS))
+            assert native.evaluate(mine, edge) == python.evaluate(theirs, edge)
 
 
 @needs_kernel
