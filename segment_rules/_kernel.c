@@ -465,34 +465,31 @@ static int holds_lapsed(Kernel *k, Node *node, Eval *e) {
     return 0;
 }
 
+/* A time at state[i] within ``span`` of now holds, until it leaves the span. */
+static int within_span(Eval *e, PyObject *state, Py_ssize_t i, double span) {
+    double t;
+    if (item_time(state, i, &t) < 0) return -1;
+    if (t <= e->now - span) return 0;
+    changes_at(e, t + span);
+    return 1;
+}
+
 /* compiler's first_seen: [first, last], forgotten ``memory`` after the last. */
 static int holds_first(Kernel *k, Node *node, Eval *e) {
     PyObject *state;
-    double first, last;
+    double last;
     if (leaf_state(k, node, e, &state) < 0) return -1;
     if (state == NULL) return 0;
     if (item_time(state, 1, &last) < 0) return -1;
     if (last <= e->now - node->memory) return 0;
-    if (item_time(state, 0, &first) < 0) return -1;
-    if (first > e->now - node->span) {
-        changes_at(e, first + node->span);
-        return 1;
-    }
-    return 0;
+    return within_span(e, state, 0, node->span);
 }
 
 /* compiler's sequence: the latest completion time, within the window. */
 static int holds_done(Kernel *k, Node *node, Eval *e) {
     PyObject *state;
-    double done;
     if (leaf_state(k, node, e, &state) < 0) return -1;
-    if (state == NULL) return 0;
-    if (item_time(state, 0, &done) < 0) return -1;
-    if (done > e->now - node->span) {
-        changes_at(e, done + node->span);
-        return 1;
-    }
-    return 0;
+    return state == NULL ? 0 : within_span(e, state, 0, node->span);
 }
 
 /* compiler._decayed_holds: compare times, not scores, so the crossing is exact. */

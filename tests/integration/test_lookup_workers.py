@@ -82,13 +82,19 @@ async def test_two_workers_share_the_port_and_the_metrics(
         await _wait_ready(f"{base}/readyz", proc, 60)
         workers = _worker_pids(proc.pid)
         assert len(workers) == 2
-        requests = 60
-        for n in range(requests):
-            status, _ = await asyncio.to_thread(_get, f"{base}/v1/users/c{n}/segments")
+        # /readyz answered from one worker; the other may still be loading and not yet
+        # listening. Ask until both have served (new connections spread over the workers
+        # listening), at least 60 times, for up to 60 s.
+        requests = 0
+        served: set[int] = set()
+        deadline = time.monotonic() + 60
+        while requests < 60 or (served != set(workers) and time.monotonic() < deadline):
+            status, _ = await asyncio.to_thread(_get, f"{base}/v1/users/c{requests}/segments")
             assert status == 200
-        # Every worker wrote its own histogram file, and a scrape sums them all.
-        served = {int(m.group(1)) for f in multiproc.glob("histogram_*.db")
-                  if (m := re.search(r"_(\d+)\.db$", f.name))}  # fmt: skip
+            requests += 1
+            # Every worker writes its own histogram file, and a scrape sums them all.
+            served = {int(m.group(1)) for f in multiproc.glob("histogram_*.db")
+                      if (m := re.search(r"_(\d+)\.db$", f.name))}  # fmt: skip
         assert served == set(workers)
         _, body = await asyncio.to_thread(_get, f"{base}/metrics")
         counts = re.findall(
