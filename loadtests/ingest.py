@@ -479,6 +479,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
+    if args.freshness_runs < 1:
+        parser.error("--freshness-runs must be at least 1")
 
     redis_url, bootstrap = stack_urls()
     world = World(seed=args.seed, taxonomy=args.taxonomy)
@@ -595,9 +597,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """A copy of the run with the median p99 (the lower middle one for an even count)."""
-    ordered = sorted(runs, key=lambda r: r["p99_s"])
-    return dict(ordered[(len(ordered) - 1) // 2])
+    """A copy of the run with the median p99 (the lower middle one for an even count), and
+    its position in ``runs`` as ``median_run``. A run whose probes never became visible
+    (p99 NaN) counts as the slowest."""
+
+    def p99(n: int) -> float:
+        value = float(runs[n]["p99_s"])
+        return math.inf if math.isnan(value) else value
+
+    middle = sorted(range(len(runs)), key=p99)[(len(runs) - 1) // 2]
+    return {**runs[middle], "median_run": middle}
 
 
 def saturated(live: dict[str, Any]) -> bool:
@@ -699,9 +708,8 @@ def print_tables(doc: dict[str, Any]) -> None:
         f" {f['rate_on_old_basis']:,.0f}/s."
     )
     runs = [(f"live max {n + 1}", r) for n, r in enumerate(f["live_runs"])]
-    median_p99 = f["p99_s"]
     runs += [
-        (f"freshness {n + 1}" + (" (median)" if r["p99_s"] == median_p99 else ""), r)
+        (f"freshness {n + 1}" + (" (median)" if n == f["median_run"] else ""), r)
         for n, r in enumerate(f["runs"])
     ]
     print(

@@ -469,7 +469,7 @@ static int holds_lapsed(Kernel *k, Node *node, Eval *e) {
 static int within_span(Eval *e, PyObject *state, Py_ssize_t i, double span) {
     double t;
     if (item_time(state, i, &t) < 0) return -1;
-    if (t <= e->now - span) return 0;
+    if (!(t > e->now - span)) return 0; /* as the Python compares: NaN does not hold */
     changes_at(e, t + span);
     return 1;
 }
@@ -709,10 +709,12 @@ static Py_ssize_t add_node(Kernel *k, PyObject *spec) {
                size == (op == OP_DONE ? 3 : op == OP_DECAYED ? 5 : 4)) {
         /* (op, trait, span[, memory[, least]]) */
         node.trait = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 1));
-        node.span = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 2));
-        if (size > 3) node.memory = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 3));
-        if (size > 4) node.least = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 4));
         if (PyErr_Occurred()) return -1;
+        double *fields[] = {&node.span, &node.memory, &node.least};
+        for (Py_ssize_t i = 2; i < size; i++) {
+            *fields[i - 2] = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, i));
+            if (PyErr_Occurred()) return -1;
+        }
         if (node.trait < 0 || node.trait >= k->ntraits) {
             PyErr_SetString(PyExc_ValueError, "leaf node: trait index out of range");
             return -1;
@@ -733,11 +735,11 @@ static Py_ssize_t add_node(Kernel *k, PyObject *spec) {
             PyErr_NoMemory();
             return -1;
         }
-        for (Py_ssize_t i = 0; i < nweights; i++)
+        for (Py_ssize_t i = 0; i < nweights && !PyErr_Occurred(); i++)
             node.weights[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast, i));
         Py_DECREF(fast);
-        node.span = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 3));
-        node.least = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 4));
+        if (!PyErr_Occurred()) node.span = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 3));
+        if (!PyErr_Occurred()) node.least = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 4));
         if (PyErr_Occurred() ||
             read_indices(PyTuple_GET_ITEM(spec, 1), k->ntraits, &node.items, &node.n) < 0) {
             PyMem_Free(node.weights);

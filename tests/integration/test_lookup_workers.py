@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.mmap_dict import MmapedDict
 
 from dmp.config import Settings
 from tests.conftest import REPO
@@ -45,6 +47,29 @@ async def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -
             pass
         await asyncio.sleep(0.1)
     raise AssertionError(f"{url} not ready after {timeout}s")
+
+
+def _served(multiproc: Path) -> set[int]:
+    """The workers whose own histogram file holds a request to the segments route.
+
+    A file alone says little: a worker makes it with its metrics, before it listens.
+    """
+    served = set()
+    for path in multiproc.glob("histogram_*.db"):
+        pid = re.search(r"_(\d+)\.db$", path.name)
+        if pid is None:
+            continue
+        rows = MmapedDict.read_all_values_from_file(str(path))  # type: ignore[no-untyped-call]
+        for key, value, *_ in rows:
+            _, sample, labels, _ = json.loads(key)
+            # The files hold each bucket's own count (a scrape makes them cumulative).
+            if (
+                sample == "dmp_lookup_request_duration_seconds_bucket"
+                and labels.get("endpoint") == "/v1/users/{uid}/segments"
+                and value > 0
+            ):
+                served.add(int(pid.group(1)))
+    return served
 
 
 def _worker_pids(parent: int) -> list[int]:
@@ -92,9 +117,7 @@ async def test_two_workers_share_the_port_and_the_metrics(
             status, _ = await asyncio.to_thread(_get, f"{base}/v1/users/c{requests}/segments")
             assert status == 200
             requests += 1
-            # Every worker writes its own histogram file, and a scrape sums them all.
-            served = {int(m.group(1)) for f in multiproc.glob("histogram_*.db")
-                      if (m := re.search(r"_(\d+)\.db$", f.name))}  # fmt: skip
+            served = _served(multiproc)
         assert served == set(workers)
         _, body = await asyncio.to_thread(_get, f"{base}/metrics")
         counts = re.findall(

@@ -81,6 +81,7 @@ def test_ingest_smoke(stack: Settings, tmp_path: Path) -> None:
     # Two runs: the reported one is the lower middle, i.e. the one with the lower p99.
     assert len(fresh["runs"]) == 2
     assert fresh["p99_s"] == min(r["p99_s"] for r in fresh["runs"])
+    assert fresh["runs"][fresh["median_run"]]["p99_s"] == fresh["p99_s"]
     assert all(r["lost_probes"] == 0 for r in fresh["runs"])
 
 
