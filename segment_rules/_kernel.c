@@ -362,18 +362,25 @@ static inline void changes_at(Eval *e, double t) {
 
 static int holds(Kernel *k, Py_ssize_t at, Eval *e);
 
-static int holds_count(Kernel *k, Node *node, Eval *e) {
-    PyObject *stamps = history_list(e->history, k->traits[node->trait].id);
-    if (stamps == NULL && PyErr_Occurred()) return -1;
-    if (stamps == NULL || PyList_GET_SIZE(stamps) == 0) return node->at_least <= 0;
-    Py_ssize_t start = bisect_right(stamps, e->now - node->span, 0);
+/* compiler._count_within: the trait's times within ``span`` of now (-1: error); the count
+ * can only drop when the oldest of them leaves the span. */
+static Py_ssize_t count_within(Kernel *k, Py_ssize_t trait, double span, Eval *e) {
+    PyObject *stamps = history_list(e->history, k->traits[trait].id);
+    if (stamps == NULL) return PyErr_Occurred() ? -1 : 0;
+    Py_ssize_t start = bisect_right(stamps, e->now - span, 0);
     if (start < 0) return -1;
     Py_ssize_t n = PyList_GET_SIZE(stamps) - start;
     if (n) {
         double oldest;
         if (as_time(PyList_GET_ITEM(stamps, start), &oldest) < 0) return -1;
-        changes_at(e, oldest + node->span);
+        changes_at(e, oldest + span);
     }
+    return n;
+}
+
+static int holds_count(Kernel *k, Node *node, Eval *e) {
+    Py_ssize_t n = count_within(k, node->trait, node->span, e);
+    if (n < 0) return -1;
     return node->at_least <= n && (node->at_most < 0 || n <= node->at_most);
 }
 
@@ -519,19 +526,8 @@ static int holds_decayed(Kernel *k, Node *node, Eval *e) {
 static int holds_windowed(Kernel *k, Node *node, Eval *e) {
     double total = 0.0;
     for (Py_ssize_t i = 0; i < node->n; i++) {
-        PyObject *stamps = history_list(e->history, k->traits[node->items[i]].id);
-        Py_ssize_t count = 0;
-        if (stamps == NULL && PyErr_Occurred()) return -1;
-        if (stamps != NULL) {
-            Py_ssize_t start = bisect_right(stamps, e->now - node->span, 0);
-            if (start < 0) return -1;
-            count = PyList_GET_SIZE(stamps) - start;
-            if (count) {
-                double oldest;
-                if (as_time(PyList_GET_ITEM(stamps, start), &oldest) < 0) return -1;
-                changes_at(e, oldest + node->span);
-            }
-        }
+        Py_ssize_t count = count_within(k, node->items[i], node->span, e);
+        if (count < 0) return -1;
         total += node->weights[i] * (double)count;
     }
     return total >= node->least;
