@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -73,6 +73,13 @@ class IngestService:
         # Partitions whose store must be re-read from Redis before the next write: a Redis
         # error hid whether the last transaction landed, or the assignment could not load.
         self._reload: set[TopicPartition] = set()
+        # aiokafka calls the rebalance listener from its own task, concurrently with run():
+        # the loop holds this lock while it works on owned partitions, and the listener takes
+        # it before giving partitions up or taking new ones, so no batch straddles a
+        # rebalance (a batch still in hand would land after the next owner loaded, and fence
+        # it). ``_rebalancing`` cuts a Redis retry short so the listener never waits long.
+        self._owned = asyncio.Lock()
+        self._rebalancing = asyncio.Event()
         self.state_ttl = int(self._retention_seconds())
         self._observed_at = 0.0
         self.rule_watcher = RuleWatcher(
@@ -111,7 +118,9 @@ class IngestService:
                 continue
             try:
                 await self.backfill.mark({tp: store}, self.rule_watcher.active_number)
-            except (RedisError, Fenced) as exc:
+            except Fenced as exc:
+                self._fenced(tp, exc)
+            except RedisError as exc:
                 log.warning("%s: rule version mark failed (%s); retried", tp, exc)
 
     def _retention_seconds(self) -> float:
@@ -152,16 +161,17 @@ class IngestService:
             # The suppression list, mirrored in memory while we consume (dmp/privacy_ingest.py).
             async with following(self.privacy.follower):
                 while not stop.is_set():
-                    await self._poll_rules()
-                    await self._mark_idle()
                     batches = await consumer.getmany(
                         timeout_ms=k.poll_timeout_ms, max_records=k.max_batch
                     )
-                    for tp, records in batches.items():
-                        await self._process(consumer, dead_letters, tp, records)
-                    await self._commit_kafka(consumer)
-                    await self._sweep_due(set(batches))
-                    await self._merge_backfills()
+                    async with self._owned:
+                        await self._poll_rules()
+                        await self._mark_idle()
+                        for tp, records in batches.items():
+                            await self._process(consumer, dead_letters, tp, records)
+                        await self._commit_kafka(consumer)
+                        await self._sweep_due(set(batches))
+                        await self._merge_backfills()
                     await self._observe(consumer)
         finally:
             self._consumer = None
@@ -204,15 +214,30 @@ class IngestService:
                 log.warning("%s: Redis failed (%s); batch retried in %.1fs", tp, exc, backoff)
             except KafkaError as exc:
                 log.warning("%s: Kafka failed (%s); batch retried in %.1fs", tp, exc, backoff)
-            if await self._stopped_within(backoff):
-                log.info("%s: stopping; the batch in hand was not applied", tp)
+            if await self._interrupted_within(backoff):
+                log.info("%s: stopping or rebalancing; the batch in hand was not applied", tp)
                 return
             backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
 
-    async def _stopped_within(self, seconds: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
-        return self._stop.is_set()
+    async def _interrupted_within(self, seconds: float) -> bool:
+        """Wait ``seconds`` unless a stop or a rebalance comes first; whether one came."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._stop, self._rebalancing)]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return self._stop.is_set() or self._rebalancing.is_set()
+
+    @contextlib.asynccontextmanager
+    async def rebalancing(self) -> AsyncIterator[None]:
+        """Hold off run()'s work on owned partitions while the assignment changes."""
+        self._rebalancing.set()
+        try:
+            async with self._owned:
+                yield
+        finally:
+            self._rebalancing.clear()
 
     async def _reload_store(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, store: PartitionStore
@@ -242,9 +267,7 @@ class IngestService:
             # Before the first batch under a version: a backfill reads the history before it.
             await self.backfill.mark({tp: store}, self.rule_watcher.active_number)
         except Fenced as exc:
-            log.warning("partition %s fenced: %s", tp, exc)
-            self.metrics.fenced.inc()
-            self.partitions.pop(tp, None)
+            self._fenced(tp, exc)
             return
         batch_id = f"{tp.topic}:{tp.partition}:{records[0].offset}-{records[-1].offset}"
         with log_context(batch_id=batch_id):
@@ -332,9 +355,7 @@ class IngestService:
             self.metrics.redis_connected.set(0)
             raise
         except Fenced as exc:
-            log.warning("partition %s fenced: %s", tp, exc)
-            self.metrics.fenced.inc()
-            self.partitions.pop(tp, None)
+            self._fenced(tp, exc)
             return False
         self.metrics.redis_transaction_seconds.observe(time.perf_counter() - t0)
         self.metrics.redis_connected.set(1)
@@ -343,6 +364,15 @@ class IngestService:
             if n:
                 self.metrics.membership_changes.labels(label).inc(n)
         return True
+
+    def _fenced(self, tp: TopicPartition, exc: Fenced) -> None:
+        """Another writer moved the partition's offset: Redis is the truth, so the next batch
+        re-reads it and continues from there (dropping the partition instead left it idle
+        for good while the group still gave it to us). Every write is checked against the
+        offset, so two writers never both apply a record."""
+        log.warning("partition %s fenced: %s; reloading it from Redis", tp, exc)
+        self.metrics.fenced.inc()
+        self._reload.add(tp)
 
     async def _commit_kafka(
         self,
@@ -494,11 +524,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # untyped ba
         self.consumer = consumer
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        # Batches are processed between getmany calls, so none is in flight here.
-        with contextlib.suppress(Exception):  # best effort: Redis holds the offsets
-            commit = self.service._commit_kafka(self.consumer, force=True, only=revoked)
-            await asyncio.wait_for(commit, 5.0)
-        self.service._revoke(revoked)
+        async with self.service.rebalancing():  # the batch in hand lands first
+            with contextlib.suppress(Exception):  # best effort: Redis holds the offsets
+                commit = self.service._commit_kafka(self.consumer, force=True, only=revoked)
+                await asyncio.wait_for(commit, 5.0)
+            self.service._revoke(revoked)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        await self.service._assign(self.consumer, assigned)
+        async with self.service.rebalancing():  # no batch sees a store still loading
+            await self.service._assign(self.consumer, assigned)

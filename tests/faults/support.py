@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 from pyroaring import BitMap
@@ -235,8 +235,13 @@ async def produce(
     chunk: int = 2000,
     pause: float = 0.0,
 ) -> None:
-    """Send every event (key = uid), `chunk` at a time, each chunk acknowledged."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    """Send every event (key = uid), `chunk` at a time, each chunk acknowledged.
+
+    Idempotent, so a retried send on a busy machine cannot write an event twice: the tests
+    compare state with a clean run's and count records as events (topic_records)."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=True
+    )
     await producer.start()
     try:
         for i in range(0, len(events), chunk):
@@ -258,6 +263,17 @@ async def stored_offsets(client: aioredis.Redis, settings: Settings) -> dict[int
     ]
     raws = await client.mget(keys)
     return {p: int(raw) if raw is not None else 0 for p, raw in enumerate(raws)}
+
+
+async def topic_records(settings: Settings) -> int:
+    """How many records the topic holds (end offsets summed; nothing is ever deleted)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(settings.kafka.topic, p) for p in range(settings.kafka.partitions)]
+        return sum((await consumer.end_offsets(tps)).values())
+    finally:
+        await consumer.stop()
 
 
 def as_committed(offsets: dict[int, int]) -> dict[int, int]:
@@ -340,7 +356,11 @@ def summarize_difference(a: Mapping[str, object], b: Mapping[str, object]) -> st
     only_a = sorted(set(a) - set(b))[:5]
     only_b = sorted(set(b) - set(a))[:5]
     differ = sorted(k for k in set(a) & set(b) if a[k] != b[k])[:5]
-    return f"only in first: {only_a}; only in second: {only_b}; differing: {differ}"
+    # The first difference in full (cut short): a rare failure must be diagnosable from CI.
+    first = f"; {differ[0]}: {str(a[differ[0]])[:400]} != {str(b[differ[0]])[:400]}"
+    return f"only in first: {only_a}; only in second: {only_b}; differing: {differ}" + (
+        first if differ else ""
+    )
 
 
 def count_kinds(snapshot: Mapping[str, object]) -> dict[str, int]:

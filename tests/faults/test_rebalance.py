@@ -22,6 +22,7 @@ from tests.faults.support import (
     stored_offsets,
     stream_events,
     summarize_difference,
+    topic_records,
     wait_applied,
 )
 
@@ -53,6 +54,7 @@ async def test_consumer_joins_and_leaves_mid_stream(
         assert await second.wait(30) == 0, second.output()[-3000:]
         left_at = sum((await stored_offsets(redis_client, settings)).values())
         await producing
+        assert await topic_records(settings) == len(events), "the producer wrote one twice"
         await wait_applied(redis_client, settings, len(events), timeout=180)
         assert first.alive
         first.signal(signal.SIGTERM)
