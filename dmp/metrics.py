@@ -227,7 +227,7 @@ class IngestMetrics:
             ),
             fenced=Counter(
                 "dmp_ingest_fenced_total",
-                "Batches refused because another consumer owned the partition.",
+                "Writes refused because another writer moved the partition's offset (re-read).",
                 registry=r,
             ),
             assigned_partitions=Gauge(
