@@ -46,6 +46,7 @@ KAFKA_STALE_MS = 15_000
 # records, after this pause, doubling up to the maximum; Kafka offsets stay where they were.
 RETRY_BACKOFF_START = 0.1
 RETRY_BACKOFF_MAX = 5.0
+KAFKA_COMMIT_TIMEOUT = 10.0  # seconds; Kafka's offsets are informational (lag)
 
 
 class IngestService:
@@ -216,6 +217,7 @@ class IngestService:
                 log.warning("%s: Kafka failed (%s); batch retried in %.1fs", tp, exc, backoff)
             if await self._interrupted_within(backoff):
                 log.info("%s: stopping or rebalancing; the batch in hand was not applied", tp)
+                self._reload.add(tp)  # consumed but not applied: seek back before the next
                 return
             backoff = min(backoff * 2, RETRY_BACKOFF_MAX)
 
@@ -244,10 +246,14 @@ class IngestService:
     ) -> int:
         """Re-read the partition's position from Redis; the offset to consume next."""
         await store.load()
-        self._reload.discard(tp)
         if store.next_offset is not None:
-            return store.next_offset
-        return int((await consumer.beginning_offsets([tp]))[tp])
+            target = store.next_offset
+        else:
+            target = int((await consumer.beginning_offsets([tp]))[tp])
+        # Only now: had beginning_offsets failed, the partition would have left the set with
+        # nowhere to seek, and the retried batch been applied from wherever it began.
+        self._reload.discard(tp)
+        return target
 
     async def _process_once(
         self,
@@ -400,8 +406,10 @@ class IngestService:
         if not offsets:
             return
         try:
-            await consumer.commit(offsets)
-        except KafkaError as exc:  # informational (lag): Redis already holds the offsets
+            # Bounded: aiokafka retries a retriable error for as long as it lasts, and the
+            # loop holds the partitions' lock here (a rebalance would wait on it).
+            await asyncio.wait_for(consumer.commit(offsets), KAFKA_COMMIT_TIMEOUT)
+        except (KafkaError, TimeoutError) as exc:  # informational: Redis holds the offsets
             log.warning("Kafka offset commit failed (%s); Redis has the offsets", exc)
             # Tried again next interval (unless a later batch's offset replaced it), so a
             # partition that goes quiet does not show stale lag for good.

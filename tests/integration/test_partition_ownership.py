@@ -8,11 +8,17 @@ aiokafka calls the listener from its own task while run() may be in the middle o
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import time
+from dataclasses import replace
+from typing import cast
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 
 from dmp.config import Settings
 from dmp.ingest import IngestService, _Rebalance
@@ -20,7 +26,7 @@ from dmp.keys import PartitionKeys
 from dmp.metrics import IngestMetrics
 from dmp.partition_store import PartitionStore
 from segment_rules import CompiledRules
-from tests.integration.conftest import StartIngest
+from tests.integration.conftest import StartIngest, wait_until
 from tests.integration.helpers import new_car_view
 
 
@@ -98,6 +104,57 @@ async def test_revoking_waits_for_the_batch_in_hand(
     assert not await service._interrupted_within(0.01), "the rebalance is over"
 
 
+async def test_a_redis_outage_does_not_hold_up_a_rebalance(
+    settings: Settings,
+    rules: CompiledRules,
+    producer: AIOKafkaProducer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis never answers, so a batch waits and retries under the partitions' lock; a
+    second member joins the group; the join must not wait for Redis (the group waits for a
+    revoking member up to max.poll.interval.ms, 5 minutes)."""
+    caplog.set_level(logging.INFO, logger="dmp.ingest")
+    nowhere = aioredis.Redis.from_url(f"redis://127.0.0.1:{unused_port()}/0")
+    # aiokafka's rebalance timeout is the session timeout: past it the broker would drop
+    # the stuck member and let the join finish anyway, so make it far longer than the wait.
+    patient = replace(
+        settings,
+        kafka=replace(settings.kafka, session_timeout_ms=60_000, heartbeat_interval_ms=1_000),
+    )
+    service = IngestService(patient, rules, nowhere, IngestMetrics.create())
+    stop = asyncio.Event()
+    running = asyncio.create_task(service.run(stop))
+    other = AIOKafkaConsumer(
+        settings.kafka.topic,
+        bootstrap_servers=settings.kafka.bootstrap,
+        group_id=settings.kafka.group_id,
+    )
+    try:
+        await wait_until(lambda: len(service.partitions) == 2, 30, "assignment")
+        await send_to_partition(producer, settings.kafka.topic, 0, ["waits-for-redis"])
+        await wait_until(lambda: "batch retried in" in caplog.text, 30, "a retry")
+        assert service._owned.locked(), "run() waits out Redis holding the partitions' lock"
+
+        joining = time.monotonic()
+        await other.start()  # joins the group: waits for the rebalance
+        while not other.assignment():
+            await other.getmany(timeout_ms=100)  # blocks while the group rebalances
+        # A stuck member would hold the join until the 60 s rebalance timeout.
+        assert time.monotonic() - joining < 20, "the join waited for Redis"
+        assert "batch in hand was not applied" in caplog.text
+    finally:
+        await other.stop()
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        await nowhere.aclose()
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 async def test_a_stop_still_ends_a_retry_wait(
     settings: Settings, rules: CompiledRules, redis_client: aioredis.Redis
 ) -> None:
@@ -106,3 +163,26 @@ async def test_a_stop_still_ends_a_retry_wait(
     started = time.monotonic()
     assert await service._interrupted_within(30.0)
     assert time.monotonic() - started < 5.0
+
+
+class _NoBeginning:
+    """A consumer whose broker cannot say where a partition begins."""
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        raise KafkaConnectionError("no broker")
+
+
+async def test_a_failed_reload_stays_pending(
+    settings: Settings, rules: CompiledRules, redis_client: aioredis.Redis
+) -> None:
+    """Redis holds no offset, so a reload asks Kafka where the partition begins; when that
+    fails the partition must still be reloaded before the next write, or the retried batch
+    would be applied from wherever it began."""
+    service = IngestService(settings, rules, redis_client, IngestMetrics.create())
+    tp = TopicPartition(settings.kafka.topic, 0)
+    keys = PartitionKeys(settings.redis.key_prefix, tp.topic, tp.partition)
+    store = PartitionStore(redis_client, keys, state_ttl=60, stream_maxlen=100)
+    service._reload.add(tp)
+    with pytest.raises(KafkaConnectionError):
+        await service._reload_store(cast(AIOKafkaConsumer, _NoBeginning()), tp, store)
+    assert tp in service._reload
