@@ -47,6 +47,11 @@ class RedisSettings:
     change_stream_maxlen: int = 1_000_000
     # Redis Cluster (deploy/redis_cluster.sh): the URL names any one node.
     cluster: bool = False
+    # A Redis that stops answering (a network partition drops packets, no reset) fails the
+    # call after this long instead of holding ingest, and the rebalances waiting on it, for
+    # good. Above any one command's time here (the largest reads are replica snapshots)
+    # and above LookupSettings.follow_block_ms (a blocking XREAD waits that long).
+    socket_timeout_seconds: float = 30.0
 
 
 @dataclass(frozen=True)

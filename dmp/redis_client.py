@@ -18,10 +18,16 @@ from dmp.config import RedisSettings
 
 def connect(settings: RedisSettings) -> aioredis.Redis:
     """A client for ``settings.url``; a cluster client when ``settings.cluster``."""
+    timeout = settings.socket_timeout_seconds
     if settings.cluster:
         # Same command API for the keys we use; the callers are typed for Redis.
-        return cast(aioredis.Redis, RedisCluster.from_url(settings.url))
-    return aioredis.Redis.from_url(settings.url)
+        cluster = RedisCluster.from_url(
+            settings.url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        return cast(aioredis.Redis, cluster)
+    return aioredis.Redis.from_url(
+        settings.url, socket_timeout=timeout, socket_connect_timeout=timeout
+    )
 
 
 async def scan_batches(
