@@ -17,7 +17,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
 
 from bidder_adapter.following import following
 from dmp.auth_transport import kafka_security_options
@@ -32,6 +31,7 @@ from dmp.metrics import IngestMetrics
 from dmp.partition_batch import BatchPlan, plan_batch
 from dmp.partition_store import Fenced, PartitionStore
 from dmp.privacy_ingest import ingest_privacy
+from dmp.redis_client import REDIS_FAILURES
 from dmp.rule_versions import RuleVersions, RuleWatcher
 from segment_rules import CompiledRules
 
@@ -105,7 +105,7 @@ class IngestService:
             self._rules_polled_at = time.monotonic()
             try:
                 await self.rule_watcher.poll()
-            except RedisError as exc:  # the batch path has its own retries; try again later
+            except REDIS_FAILURES as exc:  # the batch path has its own retries; try again later
                 log.warning("rule version check failed (%s)", exc)
 
     async def _mark_idle(self) -> None:
@@ -121,7 +121,7 @@ class IngestService:
                 await self.backfill.mark({tp: store}, self.rule_watcher.active_number)
             except Fenced as exc:
                 self._fenced(tp, exc)
-            except RedisError as exc:
+            except REDIS_FAILURES as exc:
                 log.warning("%s: rule version mark failed (%s); retried", tp, exc)
 
     def _retention_seconds(self) -> float:
@@ -209,7 +209,7 @@ class IngestService:
                         return  # Redis is behind these records: they come again from target
                 await self._process_once(consumer, dead_letters, tp, store, records)
                 return
-            except RedisError as exc:
+            except REDIS_FAILURES as exc:
                 self._reload.add(tp)
                 self.metrics.redis_connected.set(0)
                 log.warning("%s: Redis failed (%s); batch retried in %.1fs", tp, exc, backoff)
@@ -357,7 +357,7 @@ class IngestService:
         t0 = time.perf_counter()
         try:
             await store.commit(plan, next_offset, produced_at, also)
-        except RedisError:
+        except REDIS_FAILURES:
             self.metrics.redis_connected.set(0)
             raise
         except Fenced as exc:
@@ -434,8 +434,8 @@ class IngestService:
                 plan = plan_batch(self.rules, [], due, states, store.next_local, now, erase)
                 if await self._commit(tp, store, plan, None, now):
                     self.privacy.count_erased(len(plan.forgotten))
-            except (RedisError, KafkaError) as exc:  # swept again next interval
-                if isinstance(exc, RedisError):
+            except (*REDIS_FAILURES, KafkaError) as exc:  # swept again next interval
+                if isinstance(exc, REDIS_FAILURES):
                     self._reload.add(tp)
                     self.metrics.redis_connected.set(0)
                 log.warning("%s: due sweep failed (%s)", tp, exc)
@@ -455,7 +455,7 @@ class IngestService:
         live = {tp: s for tp, s in self.partitions.items() if tp not in self._reload}
         try:
             await self.backfill.merge(live, self.rules, self.clock(), commit)
-        except RedisError as exc:  # every store may be stale now: reload before writing
+        except REDIS_FAILURES as exc:  # every store may be stale now: reload before writing
             self._reload.update(live)
             self.metrics.redis_connected.set(0)
             log.warning("backfill merge failed (%s); retried", exc)
@@ -468,7 +468,9 @@ class IngestService:
         try:
             await asyncio.wait_for(self.redis.ping(), timeout=OBSERVE_INTERVAL)
             self.metrics.redis_connected.set(1)
-        except (RedisError, TimeoutError):
+        except TimeoutError:
+            self.metrics.redis_connected.set(0)
+        except REDIS_FAILURES:
             self.metrics.redis_connected.set(0)
         now_ms = time.time() * 1000
         reachable = bool(self.partitions)
@@ -499,7 +501,7 @@ class IngestService:
             self.backfill.forget(tp)
             try:
                 await store.load()
-            except RedisError as exc:
+            except REDIS_FAILURES as exc:
                 # Where to start is known once Redis answers: _process reloads and seeks.
                 log.warning("assigned %s while Redis is unreachable (%s)", tp, exc)
                 self._reload.add(tp)

@@ -12,8 +12,13 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from dmp.config import RedisSettings
+
+# redis-py's cluster client says "no node reachable" with RedisClusterException, which is not
+# a RedisError: code that rides out a Redis outage catches both.
+REDIS_FAILURES: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
 
 
 def connect(settings: RedisSettings) -> aioredis.Redis:

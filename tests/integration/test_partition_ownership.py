@@ -20,11 +20,12 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
-from dmp.config import Settings
+from dmp.config import RedisSettings, Settings
 from dmp.ingest import IngestService, _Rebalance
 from dmp.keys import PartitionKeys
 from dmp.metrics import IngestMetrics
 from dmp.partition_store import PartitionStore
+from dmp.redis_client import connect
 from segment_rules import CompiledRules
 from tests.integration.conftest import StartIngest, wait_until
 from tests.integration.helpers import new_car_view
@@ -104,17 +105,20 @@ async def test_revoking_waits_for_the_batch_in_hand(
     assert not await service._interrupted_within(0.01), "the rebalance is over"
 
 
+@pytest.mark.parametrize("cluster", [False, True])
 async def test_a_redis_outage_does_not_hold_up_a_rebalance(
     settings: Settings,
     rules: CompiledRules,
     producer: AIOKafkaProducer,
     caplog: pytest.LogCaptureFixture,
+    cluster: bool,
 ) -> None:
     """Redis never answers, so a batch waits and retries under the partitions' lock; a
     second member joins the group; the join must not wait for Redis (the group waits for a
     revoking member up to max.poll.interval.ms, 5 minutes)."""
     caplog.set_level(logging.INFO, logger="dmp.ingest")
-    nowhere = aioredis.Redis.from_url(f"redis://127.0.0.1:{unused_port()}/0")
+    # A cluster client that reaches no node raises RedisClusterException, not RedisError.
+    nowhere = connect(RedisSettings(url=f"redis://127.0.0.1:{unused_port()}/0", cluster=cluster))
     # aiokafka's rebalance timeout is the session timeout: past it the broker would drop
     # the stuck member and let the join finish anyway, so make it far longer than the wait.
     patient = replace(
