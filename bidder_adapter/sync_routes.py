@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from bidder_adapter.app_keys import MATCH_STORE, PARTNER_METRICS, PARTNER_SETTINGS, PARTNERS
 from bidder_adapter.sync import (
@@ -29,6 +28,7 @@ from bidder_adapter.sync import (
 )
 from dmp.match_table import MAX_PARTNER_UID_LENGTH
 from dmp.observed_routes import RouteAdder
+from dmp.redis_client import REDIS_FAILURES
 
 if TYPE_CHECKING:
     from bidder_adapter.profiles import PartnerProfile
@@ -98,7 +98,7 @@ async def sync_setuid(request: web.Request) -> web.StreamResponse:
     cookie_id, _ = _our_cookie(request)
     try:
         await request.app[MATCH_STORE].record(profile.partner_id, partner_uid, cookie_id)
-    except RedisError as exc:
+    except REDIS_FAILURES as exc:
         log.warning("sync for %s not stored: %s", profile.partner_id, exc)
         _count(request, profile.partner_id, "in", "store_error")
         return _error(503, "match table unavailable")

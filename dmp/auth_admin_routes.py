@@ -11,13 +11,13 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from dmp.audience import Audience
 from dmp.auth import admin_refusal
 from dmp.limits import limit_error
 from dmp.observed_routes import RouteAdder
 from dmp.privacy_routes import PRIVACY_REPLICA, PRIVACY_SETTINGS, PRIVACY_STORE
+from dmp.redis_client import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ async def estimate(request: web.Request) -> web.Response:
     )
     try:
         members = await audience.estimate(segment_id)
-    except RedisError as exc:
+    except REDIS_FAILURES as exc:
         log.warning("estimate unavailable (%s)", exc)
         return limit_error(503, "store unavailable, try again")
     status = audience.status(segment_id)  # "paused": built, not answered by lookups

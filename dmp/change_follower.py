@@ -19,12 +19,12 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from pyroaring import BitMap, BitMap64
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from dmp.ids import LOCAL_BITS
 from dmp.keys import PartitionKeys, partitions_key
 from dmp.metrics import LookupMetrics
-from dmp.redis_client import read_streams, scan_batches
+from dmp.redis_client import REDIS_FAILURES, read_streams, scan_batches
 from dmp.redis_types import as_bytes, as_str
 from dmp.replica import PartitionIndex, Replica
 
@@ -226,7 +226,7 @@ class ChangeFollower:
                 if self.replica.ids.merge_due:
                     await self.replica.ids.merge()  # new cookie ids, off the event loop
                 backoff = 0.1
-            except RedisError as exc:
+            except REDIS_FAILURES as exc:
                 self.healthy = False
                 self.metrics.redis_connected.set(0)
                 self.metrics.change_stream_lag.set(time.monotonic() - self._caught_up_at)

@@ -12,7 +12,6 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from redis.exceptions import RedisError
 
 from bidder_adapter.partner_metrics import PartnerMetrics
 from bidder_adapter.partner_registry import PartnerRegistry
@@ -20,7 +19,7 @@ from bidder_adapter.profiles import PartnerProfile
 from dmp.config import Settings
 from dmp.destinations import DestinationMetrics, Exporter
 from dmp.destinations_sinks import make_sink
-from dmp.redis_client import connect
+from dmp.redis_client import REDIS_FAILURES, connect
 from dmp.rule_versions import RuleVersions, RuleWatcher
 from segment_rules import CompiledRules
 
@@ -100,7 +99,7 @@ class DestinationService:
     async def _poll_rules(self) -> None:
         try:
             await self.watcher.poll()
-        except RedisError as exc:  # keep exporting under the version in force; retry later
+        except REDIS_FAILURES as exc:  # keep exporting under the version in force; retry later
             log.warning("rule version check failed (%s)", exc)
             return
         self.rules_known = True

@@ -17,10 +17,9 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from redis.exceptions import RedisError
 
 from dmp.match_table import MatchKeys, MatchTable, decode_forward, match_partners_key
-from dmp.redis_client import read_streams, scan_batches
+from dmp.redis_client import REDIS_FAILURES, read_streams, scan_batches
 from dmp.redis_types import as_bytes, as_str
 
 log = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ class MatchTableFollower:
                 self.metrics.entries.set(len(self.table))
                 self.healthy = True
                 backoff = 0.1
-            except RedisError as exc:
+            except REDIS_FAILURES as exc:
                 self.healthy = False
                 self.metrics.follow_errors.inc()
                 log.warning("match stream unreachable (%s); retrying in %.1fs", exc, backoff)

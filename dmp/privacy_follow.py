@@ -15,9 +15,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from dmp.privacy import changes_key, suppressed_key
+from dmp.redis_client import REDIS_FAILURES
 from dmp.redis_types import as_str
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class SuppressionFollower:
                 await self._read_once()
                 self.healthy = True
                 backoff = 0.1
-            except RedisError as exc:
+            except REDIS_FAILURES as exc:
                 self.healthy = False
                 log.warning("suppression stream unreachable (%s); retry in %.1fs", exc, backoff)
                 with contextlib.suppress(TimeoutError):

@@ -17,7 +17,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from bidder_adapter.following import following
 from dmp.auth import admin_refusal
@@ -27,7 +26,7 @@ from dmp.limits import limit_error
 from dmp.observed_routes import RouteAdder
 from dmp.privacy import ERASED, OPT_OUT, PrivacyStore
 from dmp.privacy_follow import SUPPRESSION, SuppressionFollower, SuppressionList
-from dmp.redis_client import connect
+from dmp.redis_client import REDIS_FAILURES, connect
 from dmp.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -96,7 +95,7 @@ async def _suppress(request: web.Request, kind: str) -> web.Response:
         stored = await store.report(uid, request.app[PRIVACY_REPLICA].rules)
         entry = await store.suppress(uid, kind)
         matches = await store.forget_matches(uid) if kind == ERASED else []
-    except RedisError as exc:
+    except REDIS_FAILURES as exc:
         log.warning("privacy request not stored (%s)", exc)
         return limit_error(503, "store unavailable; nothing changed, try again")
     request.app[SUPPRESSION].add(uid)
@@ -129,7 +128,7 @@ async def consent(request: web.Request) -> web.Response:
         return uid
     try:
         lifted = await request.app[PRIVACY_STORE].lift(uid)
-    except RedisError as exc:
+    except REDIS_FAILURES as exc:
         log.warning("consent not stored (%s)", exc)
         return limit_error(503, "store unavailable; nothing changed, try again")
     if lifted:
@@ -146,7 +145,7 @@ async def status(request: web.Request) -> web.Response:
         return limit_error(400, f"uid: 1 to {MAX_UID_LENGTH} characters")
     try:
         report = await request.app[PRIVACY_STORE].report(uid, request.app[PRIVACY_REPLICA].rules)
-    except RedisError as exc:
+    except REDIS_FAILURES as exc:
         log.warning("privacy status unavailable (%s)", exc)
         return limit_error(503, "store unavailable, try again")
     return _json(report)
