@@ -163,7 +163,19 @@ class Settings:
         settings = replace(base, **top)
         # A bad shard is refused at start, with the reason, not at the first lookup.
         parse_shard(settings.lookup.shard, settings.kafka.partitions)
+        _check_timeouts(settings)
         return settings
+
+
+def _check_timeouts(settings: Settings) -> None:
+    """A blocking read longer than the socket timeout would fail every time."""
+    block = settings.lookup.follow_block_ms / 1000
+    if block >= settings.redis.socket_timeout_seconds:
+        raise ValueError(
+            f"DMP_LOOKUP_FOLLOW_BLOCK_MS={settings.lookup.follow_block_ms}: must stay below"
+            f" DMP_REDIS_SOCKET_TIMEOUT_SECONDS={settings.redis.socket_timeout_seconds:g}"
+            " (each blocking read would time out)"
+        )
 
 
 def _log_format(raw: str) -> str:

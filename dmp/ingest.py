@@ -46,7 +46,7 @@ KAFKA_STALE_MS = 15_000
 # records, after this pause, doubling up to the maximum; Kafka offsets stay where they were.
 RETRY_BACKOFF_START = 0.1
 RETRY_BACKOFF_MAX = 5.0
-KAFKA_COMMIT_TIMEOUT = 10.0  # seconds; Kafka's offsets are informational (lag)
+KAFKA_COMMIT_TIMEOUT = 5.0  # seconds; Kafka's offsets are informational (lag)
 
 
 class IngestService:
@@ -169,10 +169,15 @@ class IngestService:
                         await self._poll_rules()
                         await self._mark_idle()
                         for tp, records in batches.items():
+                            if self._rebalancing.is_set():
+                                # The group waits (up to the session timeout): the rest is
+                                # read again from the offsets Redis holds, by whoever owns it.
+                                break
                             await self._process(consumer, dead_letters, tp, records)
-                        await self._commit_kafka(consumer)
-                        await self._sweep_due(set(batches))
-                        await self._merge_backfills()
+                        if not self._rebalancing.is_set():
+                            await self._commit_kafka(consumer)
+                            await self._sweep_due(set(batches))
+                            await self._merge_backfills()
                     await self._observe(consumer)
         finally:
             self._consumer = None

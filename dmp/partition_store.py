@@ -11,6 +11,8 @@ import orjson
 import redis.asyncio as aioredis
 from pyroaring import BitMap
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from dmp.cookie_state import CookieState
@@ -24,6 +26,17 @@ log = logging.getLogger(__name__)
 
 class Fenced(Exception):
     """Another consumer wrote this partition since we loaded it: we no longer own it."""
+
+
+def refused(tag: str, exc: WatchError) -> Exception:
+    """Why a watched transaction was refused. redis-py also raises WatchError when the
+    connection fails while a key is watched ("A TimeoutError occurred while watching..."):
+    that is a Redis failure, retried with backoff (whether EXEC landed is unknown, so the
+    partition is re-read either way), not another writer."""
+    failure = exc.__cause__ or exc.__context__
+    if isinstance(failure, RedisConnectionError | RedisTimeoutError):
+        return RedisConnectionError(f"{tag}: {exc}")
+    return Fenced(f"{tag}: written by another consumer")
 
 
 # One command for a whole batch's cookie states (redis-py's per-command cost dominated ingest
@@ -137,8 +150,8 @@ class PartitionStore:
             pipe.hsetnx(self.keys.rules_from, str(version), self.next_offset or 0)
             try:
                 await pipe.execute()
-            except WatchError:
-                raise Fenced(f"{self.keys.tag}: written by another consumer") from None
+            except WatchError as exc:
+                raise refused(self.keys.tag, exc) from exc
 
     async def _commit(
         self,
@@ -203,9 +216,9 @@ class PartitionStore:
                 )
             try:
                 await pipe.execute()
-            except WatchError:
+            except WatchError as exc:
                 self._chunks.clear()
-                raise Fenced(f"{self.keys.tag}: written by another consumer") from None
+                raise refused(self.keys.tag, exc) from exc
         if next_offset is not None:
             self.next_offset = next_offset
         self.next_local = plan.next_local

@@ -356,11 +356,11 @@ def summarize_difference(a: Mapping[str, object], b: Mapping[str, object]) -> st
     only_a = sorted(set(a) - set(b))[:5]
     only_b = sorted(set(b) - set(a))[:5]
     differ = sorted(k for k in set(a) & set(b) if a[k] != b[k])[:5]
-    # The first difference in full (cut short): a rare failure must be diagnosable from CI.
-    first = f"; {differ[0]}: {str(a[differ[0]])[:400]} != {str(b[differ[0]])[:400]}"
-    return f"only in first: {only_a}; only in second: {only_b}; differing: {differ}" + (
-        first if differ else ""
-    )
+    summary = f"only in first: {only_a}; only in second: {only_b}; differing: {differ}"
+    if differ:  # the first difference in full (cut short): diagnosable from a CI log alone
+        key = differ[0]
+        summary += f"; {key}: {str(a[key])[:400]} != {str(b[key])[:400]}"
+    return summary
 
 
 def count_kinds(snapshot: Mapping[str, object]) -> dict[str, int]:

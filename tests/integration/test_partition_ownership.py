@@ -19,12 +19,14 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
+from redis.exceptions import RedisError
 
 from dmp.config import RedisSettings, Settings
 from dmp.ingest import IngestService, _Rebalance
 from dmp.keys import PartitionKeys
 from dmp.metrics import IngestMetrics
-from dmp.partition_store import PartitionStore
+from dmp.partition_batch import BatchPlan
+from dmp.partition_store import Fenced, PartitionStore
 from dmp.redis_client import connect
 from segment_rules import CompiledRules
 from tests.integration.conftest import StartIngest, wait_until
@@ -115,7 +117,7 @@ async def test_a_redis_outage_does_not_hold_up_a_rebalance(
 ) -> None:
     """Redis never answers, so a batch waits and retries under the partitions' lock; a
     second member joins the group; the join must not wait for Redis (the group waits for a
-    revoking member up to max.poll.interval.ms, 5 minutes)."""
+    revoking member up to aiokafka's rebalance timeout, the session timeout by default)."""
     caplog.set_level(logging.INFO, logger="dmp.ingest")
     # A cluster client that reaches no node raises RedisClusterException, not RedisError.
     nowhere = connect(RedisSettings(url=f"redis://127.0.0.1:{unused_port()}/0", cluster=cluster))
@@ -190,3 +192,24 @@ async def test_a_failed_reload_stays_pending(
     with pytest.raises(KafkaConnectionError):
         await service._reload_store(cast(AIOKafkaConsumer, _NoBeginning()), tp, store)
     assert tp in service._reload
+
+
+async def test_a_redis_that_stops_answering_mid_transaction_is_not_another_writer(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    """redis-py raises WatchError when the connection fails while a key is watched. That is
+    a Redis failure (retried with backoff, Redis marked down), not a fence."""
+    impatient = connect(replace(settings.redis, socket_timeout_seconds=0.3))
+    keys = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0)
+    store = PartitionStore(impatient, keys, state_ttl=60, stream_maxlen=100)
+    try:
+        await store.load()
+        # Writes wait (the offset's SET inside EXEC); the watch and its GET still answer.
+        await redis_client.client_pause(3000, all=False)  # CLIENT PAUSE 3000 WRITE
+        with pytest.raises(RedisError) as failed:
+            await store.commit(BatchPlan(), 1, time.time())
+        assert not isinstance(failed.value, Fenced)
+    finally:
+        await redis_client.client_unpause()
+        await impatient.aclose()
+    assert await stored_offset(redis_client, keys) in (0, 1)  # EXEC's fate is unknown

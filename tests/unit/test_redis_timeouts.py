@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.exceptions import RedisClusterException, RedisError
 
-from dmp.config import RedisSettings
+from dmp.config import RedisSettings, Settings
 from dmp.redis_client import connect
 
 
@@ -49,5 +49,9 @@ async def test_a_silent_redis_fails_the_call_in_time(silent_port: int, cluster: 
     assert time.monotonic() - started < 5
 
 
-def test_the_default_leaves_room_for_slow_commands() -> None:
-    assert RedisSettings().socket_timeout_seconds >= 10
+def test_a_blocking_read_longer_than_the_socket_timeout_is_refused_at_start() -> None:
+    env = {"DMP_REDIS_SOCKET_TIMEOUT_SECONDS": "2", "DMP_LOOKUP_FOLLOW_BLOCK_MS": "2000"}
+    with pytest.raises(ValueError, match="DMP_LOOKUP_FOLLOW_BLOCK_MS=2000: must stay below"):
+        Settings.from_env(env)
+    settings = Settings.from_env({**env, "DMP_LOOKUP_FOLLOW_BLOCK_MS": "1999"})
+    assert settings.redis.socket_timeout_seconds == 2.0
