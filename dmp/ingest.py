@@ -541,8 +541,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # untyped ba
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         async with self.service.rebalancing():  # the batch in hand lands first
             with contextlib.suppress(Exception):  # best effort: Redis holds the offsets
-                commit = self.service._commit_kafka(self.consumer, force=True, only=revoked)
-                await asyncio.wait_for(commit, 5.0)
+                # Bounded inside (KAFKA_COMMIT_TIMEOUT), as the loop's own commits are.
+                await self.service._commit_kafka(self.consumer, force=True, only=revoked)
             self.service._revoke(revoked)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from dataclasses import replace
 from typing import cast
@@ -29,6 +28,7 @@ from dmp.partition_batch import BatchPlan
 from dmp.partition_store import Fenced, PartitionStore
 from dmp.redis_client import connect
 from segment_rules import CompiledRules
+from tests.faults.support import free_port
 from tests.integration.conftest import StartIngest, wait_until
 from tests.integration.helpers import new_car_view
 
@@ -120,7 +120,7 @@ async def test_a_redis_outage_does_not_hold_up_a_rebalance(
     revoking member up to aiokafka's rebalance timeout, the session timeout by default)."""
     caplog.set_level(logging.INFO, logger="dmp.ingest")
     # A cluster client that reaches no node raises RedisClusterException, not RedisError.
-    nowhere = connect(RedisSettings(url=f"redis://127.0.0.1:{unused_port()}/0", cluster=cluster))
+    nowhere = connect(RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", cluster=cluster))
     # aiokafka's rebalance timeout is the session timeout: past it the broker would drop
     # the stuck member and let the join finish anyway, so make it far longer than the wait.
     patient = replace(
@@ -153,12 +153,6 @@ async def test_a_redis_outage_does_not_hold_up_a_rebalance(
         stop.set()
         await asyncio.wait_for(running, 30)
         await nowhere.aclose()
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_a_stop_still_ends_a_retry_wait(

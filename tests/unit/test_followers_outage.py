@@ -5,7 +5,6 @@ serving stale segments for good)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -22,12 +21,7 @@ from dmp.redis_client import connect
 from dmp.replica import Replica
 from segment_rules import CompiledRules, load_rules_file
 from tests.conftest import EXAMPLE_RULES
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.faults.support import free_port
 
 
 def change_follower(client: aioredis.Redis) -> Any:
@@ -52,7 +46,7 @@ def suppression_follower(client: aioredis.Redis) -> Any:
 async def test_a_follower_outlives_an_unreachable_redis(
     cluster: bool, make: Callable[[aioredis.Redis], Any]
 ) -> None:
-    url = f"redis://127.0.0.1:{unused_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     client = connect(RedisSettings(url=url, cluster=cluster, socket_timeout_seconds=0.5))
     follower = make(client)
     stop = asyncio.Event()
