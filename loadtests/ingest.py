@@ -202,7 +202,10 @@ def run_ingest(
         client.close()
 
 
-def run_baseline(kafka: KafkaSettings, total: int, timeout: float) -> dict[str, float]:
+def run_baseline(
+    kafka: KafkaSettings, total: int, timeout: float, write_floor: str | None = None
+) -> dict[str, float]:
+    """Decode-only; with ``write_floor`` (a Redis URL), plus the writes every batch makes."""
     argv = python_argv(
         "loadtests.ingest_baseline",
         "--bootstrap",
@@ -213,6 +216,7 @@ def run_baseline(kafka: KafkaSettings, total: int, timeout: float) -> dict[str, 
         str(total),
         "--timeout",
         str(timeout),
+        *(["--write-floor", write_floor] if write_floor else []),
     )
     out = subprocess.run(
         pinned(SERVER_CORE, argv), check=True, capture_output=True, timeout=timeout + 60, cwd=REPO
@@ -497,6 +501,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kafka = asyncio.run(new_topic(bootstrap, args.partitions))
     started = time.time()
     baseline: list[float] = []
+    floor: list[float] = []  # decode + the Redis writes of every batch, no rules (0018)
     ours: dict[int, list[float]] = {n: [] for n in args.segments}
     try:
         asyncio.run(produce_all(bootstrap, kafka.topic, messages))
@@ -504,6 +509,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res = run_baseline(kafka, len(messages), args.timeout)
             baseline.append(res["events_per_s"])
             print(f"run {run + 1}: decode-only {res['events_per_s']:,.0f}/s", flush=True)
+            res = run_baseline(kafka, len(messages), args.timeout, write_floor=redis_url)
+            floor.append(res["events_per_s"])
+            print(f"run {run + 1}: write floor {res['events_per_s']:,.0f}/s", flush=True)
             for count in args.segments:
                 r = run_ingest(
                     kafka, redis_url, rule_paths[count], len(messages), work, args.timeout
@@ -589,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fresh["rate_on_old_basis"] = args.freshness_fraction * pre_produced
     fresh["live_max"] = live
     fresh["live_runs"] = live_runs
-    doc = summarise(args, size, distinct, baseline, ours, fresh)
+    doc = summarise(args, size, distinct, baseline, ours, fresh, floor)
     doc["started_at"] = started
     write_result("ingest", doc, lambda p: chart(doc, p), args.results)
     print_tables(doc)
@@ -651,6 +659,7 @@ def summarise(
     baseline: list[float],
     ours: dict[int, list[float]],
     fresh: dict[str, Any],
+    floor: list[float] | None = None,
 ) -> dict[str, Any]:
     base = median(baseline)
     rows: list[dict[str, Any]] = [
@@ -690,6 +699,11 @@ def summarise(
             "producer_core": CLIENT_CORE,
         },
         "decode_only": {"runs_events_per_s": baseline, "events_per_s": base},
+        "write_floor": {
+            "runs_events_per_s": floor or [],
+            "events_per_s": median(floor) if floor else None,
+            "ratio_to_decode_only": median(floor) / base if floor and base else None,
+        },
         "ingest": rows,
         "freshness": fresh,
         "budgets": budgets,
@@ -699,12 +713,22 @@ def summarise(
 def print_tables(doc: dict[str, Any]) -> None:
     base = doc["decode_only"]["events_per_s"]
     rows: list[list[object]] = [["decode only", base, 1.0]]
+    floor = doc["write_floor"]
+    if floor["events_per_s"] is not None:
+        rows.append(
+            ["write floor (no rules)", floor["events_per_s"], floor["ratio_to_decode_only"]]
+        )
     rows += [
         [f"{r['segments']} segments", r["events_per_s"], r["ratio_to_decode_only"]]
         for r in doc["ingest"]
     ]
     print()
     print(table(["consumer", "events/s", "x decode-only"], rows))
+    if floor["events_per_s"] is not None:
+        print(
+            "(write floor: decode-only plus each batch's state, due time and offset writes in"
+            " PartitionStore's transaction shape, no rules: a ceiling, docs/decisions/0018)"
+        )
     f = doc["freshness"]
     print()
     print(
@@ -778,6 +802,13 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     counts = [r["segments"] for r in doc["ingest"]]
     ax.plot(counts, [r["events_per_s"] for r in doc["ingest"]], "o-", label="dmp ingest")
     ax.axhline(doc["decode_only"]["events_per_s"], color="#999", ls="--", label="decode only")
+    if doc["write_floor"]["events_per_s"] is not None:
+        ax.axhline(
+            doc["write_floor"]["events_per_s"],
+            color="#c80",
+            ls="-.",
+            label="write floor (no rules)",
+        )
     ax.axhline(EVENTS_BUDGET, color="r", ls=":", lw=0.8, label="budget (100 segments)")
     ax.set_xscale("log")
     ax.set_xlabel("segments in the rule file")

@@ -1,9 +1,16 @@
 """The ingest test's baseline: aiokafka consuming and orjson-decoding events, doing nothing else.
 
     python -m loadtests.ingest_baseline --bootstrap HOST:PORT --topic T --events N
+        [--write-floor REDIS_URL [--state-bytes B]]
 
 Same consumer settings as ``dmp ingest`` (a consumer group, no auto commit, the same fetch
 sizes and ``getmany`` batch size). Prints JSON: events/s from the first record to the N-th.
+
+``--write-floor`` also writes, per partition batch, what every ingest batch writes however
+few segments change, in the same transaction shape as ``PartitionStore`` (docs/decisions/
+0018): WATCH and GET the offset, then one state of B bytes (with its TTL) and one due time
+per distinct cookie, and the new offset. No rule work, no validation: a ceiling for ingest
+with Redis as it is, not a budget's baseline.
 """
 
 from __future__ import annotations
@@ -15,12 +22,58 @@ import uuid
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from dmp.config import KafkaSettings
+from dmp.keys import PartitionKeys
+from dmp.partition_store import SET_STATES
+
+STATE_TTL = 91 * 86400  # the default retention (90 days) + a day, as ingest sets it
+DUE_IN = 3600.0  # seconds: any time works, a float per cookie is what matters
 
 
-async def consume(bootstrap: str, topic: str, events: int, limit_s: float) -> dict[str, Any]:
+class WriteFloor:
+    """One Redis transaction per partition batch, shaped like PartitionStore.commit's."""
+
+    def __init__(self, client: aioredis.Redis, topic: str, state_bytes: int) -> None:
+        self.client = client
+        self.prefix = f"lt-floor-{uuid.uuid4().hex[:8]}"
+        self.topic = topic
+        self.state = b"s" * state_bytes
+
+    async def write(self, tp: TopicPartition, uids: set[str], next_offset: int) -> None:
+        keys = PartitionKeys(self.prefix, self.topic, tp.partition)
+        due = time.time() + DUE_IN
+        async with self.client.pipeline(transaction=True) as pipe:
+            await pipe.watch(keys.offset)
+            await pipe.get(keys.offset)
+            pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves multi() untyped
+            pipe.eval(
+                SET_STATES,
+                len(uids),
+                *[keys.cookie(u) for u in uids],
+                STATE_TTL,
+                *[self.state] * len(uids),
+            )
+            pipe.zadd(keys.due, dict.fromkeys(uids, due))
+            pipe.set(keys.offset, next_offset)
+            await pipe.execute()
+
+    async def delete(self) -> None:
+        batch = []
+        async for key in self.client.scan_iter(match=f"{self.prefix}:*", count=10_000):
+            batch.append(key)
+            if len(batch) >= 10_000:
+                await self.client.unlink(*batch)
+                batch.clear()
+        if batch:
+            await self.client.unlink(*batch)
+
+
+async def consume(
+    bootstrap: str, topic: str, events: int, limit_s: float, floor: WriteFloor | None = None
+) -> dict[str, Any]:
     k = KafkaSettings()
     consumer = AIOKafkaConsumer(
         topic,
@@ -41,9 +94,13 @@ async def consume(bootstrap: str, topic: str, events: int, limit_s: float) -> di
     try:
         while seen < events and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=k.poll_timeout_ms, max_records=k.max_batch)
-            for records in batches.values():
-                for rec in records:
-                    loads(rec.value)
+            for tp, records in batches.items():
+                if floor is None:
+                    for rec in records:
+                        loads(rec.value)
+                else:
+                    uids = {loads(rec.value)["uid"] for rec in records}
+                    await floor.write(tp, uids, records[-1].offset + 1)
                 seen += len(records)
             if batches and not first:
                 # Timed from the end of the first batch, as ingest is from its first commit.
@@ -65,9 +122,23 @@ def main() -> None:
     parser.add_argument("--topic", required=True)
     parser.add_argument("--events", type=int, required=True)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--write-floor", metavar="REDIS_URL", help="also write (see above)")
+    parser.add_argument("--state-bytes", type=int, default=400, help="each state's size")
     args = parser.parse_args()
-    result = asyncio.run(consume(args.bootstrap, args.topic, args.events, args.timeout))
+    result = asyncio.run(run(args))
     print(orjson.dumps(result).decode())
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.write_floor is None:
+        return await consume(args.bootstrap, args.topic, args.events, args.timeout)
+    client = aioredis.Redis.from_url(args.write_floor)
+    floor = WriteFloor(client, args.topic, args.state_bytes)
+    try:
+        return await consume(args.bootstrap, args.topic, args.events, args.timeout, floor)
+    finally:
+        await floor.delete()
+        await client.aclose()
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ def test_ingest_smoke(stack: Settings, tmp_path: Path) -> None:
     )
     doc = _result(tmp_path, "ingest")
     assert _positive(doc["decode_only"]["events_per_s"])
+    assert _positive(doc["write_floor"]["events_per_s"])
+    assert doc["write_floor"]["ratio_to_decode_only"] > 0
     assert [r["segments"] for r in doc["ingest"]] == [10]
     assert _positive(doc["ingest"][0]["events_per_s"])
     fresh = doc["freshness"]
