@@ -502,6 +502,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.time()
     baseline: list[float] = []
     floor: list[float] = []  # decode + the Redis writes of every batch, no rules (0018)
+    floor_redis_cpu: list[float] = []  # the Redis server's CPU us an event in those runs
     ours: dict[int, list[float]] = {n: [] for n in args.segments}
     try:
         asyncio.run(produce_all(bootstrap, kafka.topic, messages))
@@ -511,7 +512,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"run {run + 1}: decode-only {res['events_per_s']:,.0f}/s", flush=True)
             res = run_baseline(kafka, len(messages), args.timeout, write_floor=redis_url)
             floor.append(res["events_per_s"])
-            print(f"run {run + 1}: write floor {res['events_per_s']:,.0f}/s", flush=True)
+            floor_redis_cpu.append(res["redis_cpu_us_per_event"])
+            print(
+                f"run {run + 1}: write floor {res['events_per_s']:,.0f}/s"
+                f" (Redis CPU {res['redis_cpu_us_per_event']:.2f} us an event)",
+                flush=True,
+            )
             for count in args.segments:
                 r = run_ingest(
                     kafka, redis_url, rule_paths[count], len(messages), work, args.timeout
@@ -597,7 +603,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fresh["rate_on_old_basis"] = args.freshness_fraction * pre_produced
     fresh["live_max"] = live
     fresh["live_runs"] = live_runs
-    doc = summarise(args, size, distinct, baseline, ours, fresh, floor)
+    doc = summarise(args, size, distinct, baseline, ours, fresh, floor, floor_redis_cpu)
     doc["started_at"] = started
     write_result("ingest", doc, lambda p: chart(doc, p), args.results)
     print_tables(doc)
@@ -660,6 +666,7 @@ def summarise(
     ours: dict[int, list[float]],
     fresh: dict[str, Any],
     floor: list[float] | None = None,
+    floor_redis_cpu: list[float] | None = None,
 ) -> dict[str, Any]:
     base = median(baseline)
     rows: list[dict[str, Any]] = [
@@ -703,6 +710,8 @@ def summarise(
             "runs_events_per_s": floor or [],
             "events_per_s": median(floor) if floor else None,
             "ratio_to_decode_only": median(floor) / base if floor and base else None,
+            "runs_redis_cpu_us_per_event": floor_redis_cpu or [],
+            "redis_cpu_us_per_event": median(floor_redis_cpu) if floor_redis_cpu else None,
         },
         "ingest": rows,
         "freshness": fresh,
@@ -727,7 +736,8 @@ def print_tables(doc: dict[str, Any]) -> None:
     if floor["events_per_s"] is not None:
         print(
             "(write floor: decode-only plus each batch's state, due time and offset writes in"
-            " PartitionStore's transaction shape, no rules: a ceiling, docs/decisions/0018)"
+            " PartitionStore's transaction shape, no rules: a ceiling, docs/decisions/0018;"
+            f" Redis's own CPU {floor['redis_cpu_us_per_event']:.2f} us an event, median)"
         )
     f = doc["freshness"]
     print()

@@ -1,7 +1,7 @@
 """The ingest test's baseline: aiokafka consuming and orjson-decoding events, doing nothing else.
 
     python -m loadtests.ingest_baseline --bootstrap HOST:PORT --topic T --events N
-        [--write-floor REDIS_URL [--state-bytes B]]
+        [--write-floor REDIS_URL [--state-bytes B] [--floor-store keys|hash]]
 
 Same consumer settings as ``dmp ingest`` (a consumer group, no auto commit, the same fetch
 sizes and ``getmany`` batch size). Prints JSON: events/s from the first record to the N-th.
@@ -36,11 +36,17 @@ DUE_IN = 3600.0  # seconds: any time works, a float per cookie is what matters
 class WriteFloor:
     """One Redis transaction per partition batch, shaped like PartitionStore.commit's."""
 
-    def __init__(self, client: aioredis.Redis, topic: str, state_bytes: int) -> None:
+    def __init__(
+        self, client: aioredis.Redis, topic: str, state_bytes: int, store: str = "keys"
+    ) -> None:
         self.client = client
         self.prefix = f"lt-floor-{uuid.uuid4().hex[:8]}"
         self.topic = topic
         self.state = b"s" * state_bytes
+        # "keys": a key per cookie with its TTL, as ingest stores states. "hash": every
+        # state of a partition in one hash (one HSET a batch, no TTL: Redis 7.0 has no
+        # per-field expiry), for comparison (docs/decisions/0018).
+        self.store = store
 
     async def write(self, tp: TopicPartition, uids: set[str], next_offset: int) -> None:
         keys = PartitionKeys(self.prefix, self.topic, tp.partition)
@@ -49,16 +55,24 @@ class WriteFloor:
             await pipe.watch(keys.offset)
             await pipe.get(keys.offset)
             pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves multi() untyped
-            pipe.eval(
-                SET_STATES,
-                len(uids),
-                *[keys.cookie(u) for u in uids],
-                STATE_TTL,
-                *[self.state] * len(uids),
-            )
+            if self.store == "hash":
+                pipe.hset(f"{keys.tag}:states", mapping=dict.fromkeys(uids, self.state))
+            else:
+                pipe.eval(
+                    SET_STATES,
+                    len(uids),
+                    *[keys.cookie(u) for u in uids],
+                    STATE_TTL,
+                    *[self.state] * len(uids),
+                )
             pipe.zadd(keys.due, dict.fromkeys(uids, due))
             pipe.set(keys.offset, next_offset)
             await pipe.execute()
+
+    async def server_cpu(self) -> float:
+        """Redis's own CPU seconds so far (INFO cpu): what the writes cost the server."""
+        info = await self.client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     async def delete(self) -> None:
         batch = []
@@ -91,6 +105,7 @@ async def consume(
     first_count = 0
     deadline = time.monotonic() + limit_s
     loads = orjson.loads
+    server_cpu = await floor.server_cpu() if floor is not None else 0.0
     try:
         while seen < events and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=k.poll_timeout_ms, max_records=k.max_batch)
@@ -106,6 +121,8 @@ async def consume(
                 # Timed from the end of the first batch, as ingest is from its first commit.
                 first, first_count = time.perf_counter(), seen
         last = time.perf_counter()
+        if floor is not None:
+            server_cpu = await floor.server_cpu() - server_cpu
     finally:
         await consumer.stop()
     seconds = last - first if first else float("nan")
@@ -113,7 +130,11 @@ async def consume(
     if not timed:  # everything came in the first batch (tiny runs): time from the start
         timed, seconds = seen, last - opened
     rate = timed / seconds if seconds > 0 else 0.0
-    return {"events": seen, "timed_events": timed, "seconds": seconds, "events_per_s": rate}
+    result = {"events": seen, "timed_events": timed, "seconds": seconds, "events_per_s": rate}
+    if floor is not None and seen:
+        # Every event's share, the untimed first batch included (so is the server's work).
+        result["redis_cpu_us_per_event"] = server_cpu / seen * 1e6
+    return result
 
 
 def main() -> None:
@@ -124,6 +145,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--write-floor", metavar="REDIS_URL", help="also write (see above)")
     parser.add_argument("--state-bytes", type=int, default=400, help="each state's size")
+    parser.add_argument(
+        "--floor-store", choices=["keys", "hash"], default="keys", help="where states go"
+    )
     args = parser.parse_args()
     result = asyncio.run(run(args))
     print(orjson.dumps(result).decode())
@@ -133,7 +157,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.write_floor is None:
         return await consume(args.bootstrap, args.topic, args.events, args.timeout)
     client = aioredis.Redis.from_url(args.write_floor)
-    floor = WriteFloor(client, args.topic, args.state_bytes)
+    floor = WriteFloor(client, args.topic, args.state_bytes, args.floor_store)
     try:
         return await consume(args.bootstrap, args.topic, args.events, args.timeout, floor)
     finally:

@@ -74,6 +74,7 @@ def test_ingest_smoke(stack: Settings, tmp_path: Path) -> None:
     assert _positive(doc["decode_only"]["events_per_s"])
     assert _positive(doc["write_floor"]["events_per_s"])
     assert doc["write_floor"]["ratio_to_decode_only"] > 0
+    assert _positive(doc["write_floor"]["redis_cpu_us_per_event"])
     assert [r["segments"] for r in doc["ingest"]] == [10]
     assert _positive(doc["ingest"][0]["events_per_s"])
     fresh = doc["freshness"]
