@@ -1,7 +1,7 @@
 """The ingest test's baseline: aiokafka consuming and orjson-decoding events, doing nothing else.
 
     python -m loadtests.ingest_baseline --bootstrap HOST:PORT --topic T --events N
-        [--write-floor REDIS_URL [--state-bytes B] [--floor-store keys|hash]]
+        [--write-floor REDIS_URL [--state-bytes B] [--floor-store keys|hash|log]]
 
 Same consumer settings as ``dmp ingest`` (a consumer group, no auto commit, the same fetch
 sizes and ``getmany`` batch size). Prints JSON: events/s from the first record to the N-th.
@@ -45,7 +45,8 @@ class WriteFloor:
         self.state = b"s" * state_bytes
         # "keys": a key per cookie with its TTL, as ingest stores states. "hash": every
         # state of a partition in one hash (one HSET a batch, no TTL: Redis 7.0 has no
-        # per-field expiry), for comparison (docs/decisions/0018).
+        # per-field expiry), for comparison (docs/decisions/0018). "log": the batch's
+        # states (id, then state) appended to one value per partition in one APPEND.
         self.store = store
 
     async def write(self, tp: TopicPartition, uids: set[str], next_offset: int) -> None:
@@ -57,6 +58,11 @@ class WriteFloor:
             pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves multi() untyped
             if self.store == "hash":
                 pipe.hset(f"{keys.tag}:states", mapping=dict.fromkeys(uids, self.state))
+            elif self.store == "log":
+                pipe.append(
+                    f"{keys.tag}:state-log",
+                    b"".join(u.encode() + b"\0" + self.state for u in uids),
+                )
             else:
                 pipe.eval(
                     SET_STATES,
@@ -146,7 +152,7 @@ def main() -> None:
     parser.add_argument("--write-floor", metavar="REDIS_URL", help="also write (see above)")
     parser.add_argument("--state-bytes", type=int, default=400, help="each state's size")
     parser.add_argument(
-        "--floor-store", choices=["keys", "hash"], default="keys", help="where states go"
+        "--floor-store", choices=["keys", "hash", "log"], default="keys", help="where states go"
     )
     args = parser.parse_args()
     result = asyncio.run(run(args))
