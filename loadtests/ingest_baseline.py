@@ -19,7 +19,7 @@ import argparse
 import asyncio
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import redis.asyncio as aioredis
@@ -29,6 +29,7 @@ from dmp.config import KafkaSettings
 from dmp.keys import PartitionKeys
 from dmp.partition_store import SET_STATES
 
+FloorStore = Literal["keys", "hash", "log"]
 STATE_TTL = 91 * 86400  # the default retention (90 days) + a day, as ingest sets it
 DUE_IN = 3600.0  # seconds: any time works, a float per cookie is what matters
 
@@ -37,7 +38,7 @@ class WriteFloor:
     """One Redis transaction per partition batch, shaped like PartitionStore.commit's."""
 
     def __init__(
-        self, client: aioredis.Redis, topic: str, state_bytes: int, store: str = "keys"
+        self, client: aioredis.Redis, topic: str, state_bytes: int, store: FloorStore = "keys"
     ) -> None:
         self.client = client
         self.prefix = f"lt-floor-{uuid.uuid4().hex[:8]}"
@@ -76,7 +77,8 @@ class WriteFloor:
             await pipe.execute()
 
     async def server_cpu(self) -> float:
-        """Redis's own CPU seconds so far (INFO cpu): what the writes cost the server."""
+        """Redis's own CPU seconds so far (INFO cpu): what the writes cost the server, plus
+        whatever else that Redis did meanwhile (use one no other test is using)."""
         info = await self.client.info("cpu")
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
