@@ -10,6 +10,8 @@
   Without it dmp/replica.py's Python answers alone, slower.
 - dmp._events: the valid event's path of dmp/events.py's decode_event (docs/decisions/0015).
   Without it the Python checks decide alone, slower.
+- dmp._states: cookie states as compact bytes (dmp/state_codec.py, docs/decisions/0019).
+  Without it the Python writes and reads the same bytes, slower.
 """
 
 from setuptools import Extension, setup
@@ -25,5 +27,6 @@ setup(
         ),
         Extension("dmp._answers", ["dmp/_answers.c"]),
         Extension("dmp._events", ["dmp/_events.c"]),
+        Extension("dmp._states", ["dmp/_states.c"]),
     ]
 )
