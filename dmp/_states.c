@@ -59,15 +59,36 @@ static int put_uvarint(Buf *b, uint64_t v) {
 
 enum { OK = 0, FAIL = -1, NO = -2 }; /* NO: not encodable in format 1 */
 
+static int hex_value(int c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+}
+
+/* 2n lowercase hex digits (a trait id): n bytes, flagged in the length's low bit. */
+static int put_hex(Buf *b, PyObject *text) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    if (n == 0 || n % 2 || PyUnicode_KIND(text) != PyUnicode_1BYTE_KIND) return NO;
+    const Py_UCS1 *s = PyUnicode_1BYTE_DATA(text);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (hex_value(s[i]) < 0) return NO;
+    if (put_uvarint(b, (uint64_t)(n / 2) << 1 | 1) < 0 || grow(b, n / 2) < 0) return FAIL;
+    for (Py_ssize_t i = 0; i < n; i += 2)
+        b->data[b->len++] = (char)(hex_value(s[i]) << 4 | hex_value(s[i + 1]));
+    return OK;
+}
+
 static int put_text(Buf *b, PyObject *text) {
     if (!PyUnicode_CheckExact(text)) return NO;
+    int r = put_hex(b, text);
+    if (r != NO) return r;
     Py_ssize_t size;
     const char *utf8 = PyUnicode_AsUTF8AndSize(text, &size);
     if (utf8 == NULL) {
         PyErr_Clear(); /* not encodable as UTF-8 (lone surrogates): JSON says so */
         return NO;
     }
-    if (put_uvarint(b, (uint64_t)size) < 0) return FAIL;
+    if (put_uvarint(b, (uint64_t)size << 1) < 0) return FAIL;
     return put(b, utf8, size);
 }
 
@@ -221,10 +242,57 @@ static int get_count(Reader *r, Py_ssize_t *out, Py_ssize_t unit) {
     return 0;
 }
 
+/* Texts read are mostly the same few thousand trait and segment ids, again and again: one
+ * str object each, kept here, saves making and hashing a new str per trait per state (which
+ * made reading slower than orjson's, whose own key cache does the same). A slot holds the
+ * last text that hashed to it. */
+#define TEXT_CACHE_SLOTS 4096
+#define TEXT_CACHE_BYTES 32
+typedef struct {
+    unsigned char flagged_len; /* 0: empty; else (n << 1 | hex) + 1, n <= TEXT_CACHE_BYTES */
+    unsigned char bytes[TEXT_CACHE_BYTES];
+    PyObject *text;
+} CachedText;
+static CachedText text_cache[TEXT_CACHE_SLOTS];
+
+static PyObject *make_text(const unsigned char *p, uint64_t n, int hex) {
+    if (!hex) return PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, "strict");
+    static const char digits[] = "0123456789abcdef";
+    PyObject *s = PyUnicode_New((Py_ssize_t)(2 * n), 127);
+    if (s == NULL) return NULL;
+    Py_UCS1 *out = PyUnicode_1BYTE_DATA(s);
+    for (uint64_t i = 0; i < n; i++) {
+        out[2 * i] = (Py_UCS1)digits[p[i] >> 4];
+        out[2 * i + 1] = (Py_UCS1)digits[p[i] & 15];
+    }
+    return s;
+}
+
+static PyObject *cached_text(const unsigned char *p, uint64_t n, int hex) {
+    if (n > TEXT_CACHE_BYTES) return make_text(p, n, hex);
+    uint32_t h = 2166136261u ^ (uint32_t)hex;
+    for (uint64_t i = 0; i < n; i++) h = (h ^ p[i]) * 16777619u;
+    CachedText *slot = &text_cache[h & (TEXT_CACHE_SLOTS - 1)];
+    unsigned char flagged = (unsigned char)((n << 1 | (uint64_t)hex) + 1);
+    if (slot->flagged_len == flagged && memcmp(slot->bytes, p, n) == 0)
+        return Py_NewRef(slot->text);
+    PyObject *text = make_text(p, n, hex);
+    if (text == NULL) return NULL;
+    Py_XSETREF(slot->text, Py_NewRef(text));
+    slot->flagged_len = flagged;
+    memcpy(slot->bytes, p, n);
+    return text;
+}
+
 static PyObject *get_text(Reader *r) {
-    Py_ssize_t n;
-    if (get_count(r, &n, 1) < 0) return NULL;
-    PyObject *s = PyUnicode_DecodeUTF8((const char *)r->p, n, "strict");
+    uint64_t size;
+    if (get_uvarint(r, &size) < 0) return NULL;
+    uint64_t n = size >> 1;
+    if (n > (uint64_t)(r->end - r->p)) {
+        malformed("count past the end");
+        return NULL;
+    }
+    PyObject *s = cached_text(r->p, n, (int)(size & 1));
     r->p += n;
     return s;
 }

@@ -3,12 +3,14 @@
 Format 1, little-endian, after the tag byte 0x01 (a JSON state starts with ``{``):
 
     uvarint local
-    uvarint member count, then each member: uvarint length, UTF-8 (sorted by the caller)
-    uvarint trait count, then each trait: uvarint length, UTF-8 id, then its list:
+    uvarint member count, then each member: a text (sorted by the caller)
+    uvarint trait count, then each trait: a text (its id), then its list:
         b"D" uvarint n, n doubles                    every entry a float (times)
         b"P" uvarint n, n pairs of doubles           every entry a list of two floats
         b"G" uvarint n, n items                      anything else:
             b"d" double | b"i" int64 | b"l" uvarint m, m of (b"d" double | b"i" int64)
+    a text: uvarint (n << 1 | 1), then n bytes, when it is 2n lowercase hex digits (trait
+        ids are: half their size); else uvarint (n << 1), then its n UTF-8 bytes
 
 A history holding anything else (a bool, an int past 64 bits, deeper lists) is not
 encodable: ``encode`` raises ``Unencodable`` and CookieState stores that one as JSON, which
@@ -21,6 +23,7 @@ floats as floats, so a decoded state encodes to the same bytes again.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
@@ -28,6 +31,7 @@ FORMAT_1 = 0x01
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _DOUBLE = struct.Struct("<d")
 _LONG = struct.Struct("<q")
+_HEX = re.compile("[0-9a-f]+")
 
 
 class Unencodable(ValueError):
@@ -52,11 +56,16 @@ def _uvarint(out: bytearray, value: int) -> None:
 def _text(out: bytearray, text: object) -> None:
     if type(text) is not str:
         raise Unencodable(f"a key or member is {type(text).__name__}, not str")
+    if text and len(text) % 2 == 0 and _HEX.fullmatch(text):
+        raw = bytes.fromhex(text)
+        _uvarint(out, len(raw) << 1 | 1)
+        out += raw
+        return
     try:
         raw = text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates
         raise Unencodable("a key or member is not valid UTF-8") from None
-    _uvarint(out, len(raw))
+    _uvarint(out, len(raw) << 1)
     out += raw
 
 
@@ -156,7 +165,9 @@ class _Reader:
         return chunk
 
     def text(self) -> str:
-        return self.take(self.uvarint()).decode("utf-8")
+        size = self.uvarint()
+        raw = self.take(size >> 1)
+        return raw.hex() if size & 1 else raw.decode("utf-8")
 
     def number(self) -> float | int:
         tag = self.take(1)

@@ -21,8 +21,10 @@ ENTRIES = st.one_of(
     st.lists(st.lists(FLOATS, min_size=2, max_size=2), max_size=5),  # [time, value] floats
     st.lists(st.one_of(NUMBERS, st.lists(NUMBERS, max_size=3)), max_size=5),  # anything else
 )
-HISTORIES = st.dictionaries(st.text(max_size=12), ENTRIES, max_size=6)
-MEMBERS = st.lists(st.text(max_size=10), max_size=6, unique=True).map(sorted)
+# Trait ids are lowercase hex (stored as bytes); anything else is stored as UTF-8.
+TEXTS = st.one_of(st.text(max_size=12), st.from_regex(r"[0-9a-fA-F]{0,14}", fullmatch=True))
+HISTORIES = st.dictionaries(TEXTS, ENTRIES, max_size=6)
+MEMBERS = st.lists(TEXTS, max_size=6, unique=True).map(sorted)
 LOCALS = st.integers(min_value=0, max_value=(1 << 63) - 1)
 
 
@@ -61,6 +63,16 @@ def test_times_are_stored_as_raw_doubles() -> None:
     json = orjson.dumps({"l": 3, "h": history, "m": ["seg_a"]})
     assert len(raw) == 1 + 1 + 1 + 6 + 1 + (3 + 2 + 16) + (3 + 2 + 16)
     assert len(raw) < len(json)
+
+
+def test_hex_trait_ids_take_half_their_length() -> None:
+    hexed = state_codec.encode(0, {"e304af621df3": []}, [])
+    assert len(hexed) == 1 + 1 + 1 + 1 + (1 + 6) + 2  # tag, local, 0 members, 1 trait
+    # Not lowercase hex, or odd: stored as written, and read back as written.
+    for trait in ("E304AF621DF3", "e304af621df", "e304af621dfg"):
+        raw = state_codec.encode(0, {trait: []}, [])
+        assert len(raw) == 1 + 1 + 1 + 1 + (1 + len(trait)) + 2
+        assert state_codec.decode(raw)[1] == {trait: []}
 
 
 @pytest.mark.parametrize(
