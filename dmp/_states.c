@@ -297,15 +297,17 @@ static PyObject *get_text(Reader *r) {
     return s;
 }
 
-static PyObject *get_double(Reader *r) {
-    if (r->end - r->p < 8) {
-        malformed("truncated double");
-        return NULL;
-    }
-    double d;
-    memcpy(&d, r->p, 8);
+/* Eight bytes as they are (a double or an int64, little-endian as stored). */
+static int get8(Reader *r, void *out) {
+    if (r->end - r->p < 8) return malformed("truncated number");
+    memcpy(out, r->p, 8);
     r->p += 8;
-    return PyFloat_FromDouble(d);
+    return 0;
+}
+
+static PyObject *get_double(Reader *r) {
+    double d;
+    return get8(r, &d) < 0 ? NULL : PyFloat_FromDouble(d);
 }
 
 static PyObject *get_number(Reader *r) {
@@ -316,14 +318,8 @@ static PyObject *get_number(Reader *r) {
     unsigned char tag = *r->p++;
     if (tag == 'd') return get_double(r);
     if (tag == 'i') {
-        if (r->end - r->p < 8) {
-            malformed("truncated int");
-            return NULL;
-        }
         int64_t i;
-        memcpy(&i, r->p, 8);
-        r->p += 8;
-        return PyLong_FromLongLong((long long)i);
+        return get8(r, &i) < 0 ? NULL : PyLong_FromLongLong((long long)i);
     }
     malformed("unknown number tag");
     return NULL;
