@@ -80,6 +80,7 @@ static int put_hex(Buf *b, PyObject *text) {
 
 static int put_text(Buf *b, PyObject *text) {
     if (!PyUnicode_CheckExact(text)) return NO;
+    if (PyUnicode_READY(text) < 0) return FAIL; /* a legacy str: kind and length first */
     int r = put_hex(b, text);
     if (r != NO) return r;
     Py_ssize_t size;
@@ -223,6 +224,7 @@ static int get_uvarint(Reader *r, uint64_t *out) {
     for (int shift = 0; shift <= 63; shift += 7) {
         if (r->p >= r->end) return malformed("truncated");
         unsigned char byte = *r->p++;
+        if (shift == 63 && byte > 1) return malformed("varint past 64 bits");
         v |= (uint64_t)(byte & 0x7F) << shift;
         if (byte < 0x80) {
             *out = v;

@@ -152,6 +152,8 @@ class _Reader:
                 raise _malformed("truncated or varint too long")
             byte = self.data[self.at]
             self.at += 1
+            if shift == 63 and byte > 1:
+                raise _malformed("varint past 64 bits")
             value |= (byte & 0x7F) << shift
             if byte < 0x80:
                 return value
@@ -197,15 +199,16 @@ class _Reader:
         raise _malformed(f"unknown list tag {tag!r}")
 
 
-def decode(data: bytes) -> tuple[int, dict[str, list[Any]], list[str]]:
+def decode(data: bytes | bytearray | memoryview) -> tuple[int, dict[str, list[Any]], list[str]]:
     """(local, history, members) of format 1 bytes; ValueError if they are not that."""
     if _states is not None:
         return _states.decode(data)
     return decode_py(data)
 
 
-def decode_py(data: bytes) -> tuple[int, dict[str, list[Any]], list[str]]:
+def decode_py(data: bytes | bytearray | memoryview) -> tuple[int, dict[str, list[Any]], list[str]]:
     """decode() in Python: the reference the C extension is held equal to."""
+    data = bytes(data)  # any buffer, as the C extension takes
     if not data or data[0] != FORMAT_1:
         raise _malformed("not format 1")
     reader = _Reader(data)

@@ -123,7 +123,7 @@ def test_states_written_as_json_before_format_1_are_still_read() -> None:
 
 
 @given(LOCALS, HISTORIES, MEMBERS, st.data())
-def test_every_cut_or_corrupted_state_is_refused_not_misread(
+def test_every_cut_or_extended_state_is_refused(
     local: int, history: dict[str, list[Any]], members: list[str], data: st.DataObject
 ) -> None:
     raw = state_codec.encode_py(local, history, members)
@@ -147,6 +147,29 @@ def test_any_bytes_are_read_or_refused_alike(raw: bytes) -> None:
     assert results[0][0] == results[1][0]
     if results[0][0] == "ok":
         assert same(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x01\x00" + b"\x80" * 9 + b"\x02" + b"\x00",  # a member count of 2**64
+        b"\x01" + b"\x80" * 9 + b"\x02" + b"\x00\x00",  # a local of 2**64
+        b"\x01\x00\x01\x82" + b"\x80" * 8 + b"\x02" + b"a\x00",  # a text of 2**64 + 1 bytes
+        b"\x01" + b"\x80" * 10 + b"\x00\x00\x00",  # eleven bytes
+    ],
+)
+def test_a_varint_past_64_bits_is_refused_not_wrapped(raw: bytes) -> None:
+    for decode in (state_codec.decode_py, _states.decode):
+        with pytest.raises(ValueError, match="malformed state"):
+            decode(raw)
+
+
+def test_the_largest_local_reads_back() -> None:
+    raw = state_codec.encode_py((1 << 63) - 1, {}, [])
+    assert raw == bytes([1]) + b"\xff" * 8 + b"\x7f" + b"\x00\x00"
+    for decode in (state_codec.decode_py, _states.decode):
+        assert decode(raw) == ((1 << 63) - 1, {}, [])
+        assert decode(memoryview(raw)) == ((1 << 63) - 1, {}, [])
 
 
 def test_a_huge_count_is_refused_without_allocating() -> None:
