@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from dmp.config import KafkaSettings
 from dmp.keys import PartitionKeys
 from dmp.partition_store import SET_STATES
+from dmp.redis_client import scan_batches
 
 FloorStore = Literal["keys", "hash", "log"]
 STATE_TTL = 91 * 86400  # the default retention (90 days) + a day, as ingest sets it
@@ -83,13 +84,7 @@ class WriteFloor:
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     async def delete(self) -> None:
-        batch = []
-        async for key in self.client.scan_iter(match=f"{self.prefix}:*", count=10_000):
-            batch.append(key)
-            if len(batch) >= 10_000:
-                await self.client.unlink(*batch)
-                batch.clear()
-        if batch:
+        async for batch in scan_batches(self.client, f"{self.prefix}:*", 10_000):
             await self.client.unlink(*batch)
 
 
