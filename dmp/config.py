@@ -61,6 +61,10 @@ class IngestSettings:
     max_future_seconds: float = 3600.0
     due_sweep_limit: int = 2000
     metrics_port: int = 0
+    # Cookie states each owned partition keeps in memory (dmp/partition_store.py); past it the
+    # cache is emptied and refilled from Redis. ~1.7 KB a state with 1,000 segments
+    # (docs/decisions/0020). 0: none kept, every batch reads its states from Redis.
+    state_cache_size: int = 500_000
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,10 @@ class Settings:
         # A bad shard is refused at start, with the reason, not at the first lookup.
         parse_shard(settings.lookup.shard, settings.kafka.partitions)
         _check_timeouts(settings)
+        if settings.ingest.state_cache_size < 0:
+            raise ValueError(
+                f"DMP_INGEST_STATE_CACHE_SIZE={settings.ingest.state_cache_size}: must be 0 or more"
+            )
         return settings
 
 

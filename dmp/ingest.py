@@ -500,7 +500,11 @@ class IngestService:
         for tp in assigned:
             keys = PartitionKeys(r.key_prefix, tp.topic, tp.partition)
             store = PartitionStore(
-                self.redis, keys, state_ttl=self.state_ttl, stream_maxlen=r.change_stream_maxlen
+                self.redis,
+                keys,
+                state_ttl=self.state_ttl,
+                stream_maxlen=r.change_stream_maxlen,
+                max_cached_states=self.settings.ingest.state_cache_size,
             )
             self.partitions[tp] = store
             self.backfill.forget(tp)

@@ -58,8 +58,6 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
-# Per partition; past this the cache is dropped whole and refilled from Redis.
-MAX_CACHED_STATES = 500_000
 
 
 class PartitionStore:
@@ -71,12 +69,21 @@ class PartitionStore:
     """
 
     def __init__(
-        self, client: aioredis.Redis, keys: PartitionKeys, *, state_ttl: int, stream_maxlen: int
+        self,
+        client: aioredis.Redis,
+        keys: PartitionKeys,
+        *,
+        state_ttl: int,
+        stream_maxlen: int,
+        max_cached_states: int = 500_000,
     ) -> None:
         self.client = client
         self.keys = keys
         self.state_ttl = state_ttl
         self.stream_maxlen = stream_maxlen
+        # Past this many the cache is emptied whole and refilled from Redis (0: no cache):
+        # cheaper per batch than tracking recency for an LRU.
+        self.max_cached_states = max_cached_states
         self.next_offset: int | None = None
         self.next_local = 0
         self._chunks: dict[tuple[str, int], BitMap] = {}
@@ -128,9 +135,10 @@ class PartitionStore:
             self._chunks.clear()
             self._states.clear()
             raise
-        if len(self._states) + len(plan.states) > MAX_CACHED_STATES:
+        if len(self._states) + len(plan.states) > self.max_cached_states:
             self._states.clear()
-        self._states.update(plan.states)
+        if len(plan.states) <= self.max_cached_states:
+            self._states.update(plan.states)
         for uid in plan.forgotten:
             self._states.pop(uid, None)
 

@@ -69,6 +69,16 @@ def free_port() -> int:
         return port
 
 
+def broker_answers(bootstrap: str) -> bool:
+    """Whether something accepts connections at the first Kafka bootstrap address."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=0.5):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def ensure_wrk() -> str:
     """wrk from Debian's package, installed when missing (the machine runs as root)."""
     found = shutil.which("wrk")
@@ -174,7 +184,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
 
-    redis_url, _ = stack_urls()
+    redis_url, bootstrap = stack_urls()
+    # The lookup reads only Redis. An idle broker on this machine still compiles in bursts
+    # (its JIT threads), on core 0 too: p99 1.6-70 ms with it, 0.7-2.2 ms without, for the
+    # bare handler at the same rate (docs/decisions/0020).
+    kafka_running = broker_answers(bootstrap)
+    if kafka_running:
+        print(
+            f"warning: a Kafka broker answers at {bootstrap}; the lookup does not use it, and "
+            "an idle broker's JIT threads stall core 0 for milliseconds. Stop it "
+            "(deploy/kafka.sh stop) for tail latencies worth reading.",
+            flush=True,
+        )
     world = World(seed=args.seed, taxonomy=args.taxonomy)
     rules = rule_set(world, args.segments)
     spec = StoreSpec(
@@ -295,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     doc = summarise(args, store.memberships, ready_s, closed, open_runs, batch_runs)
     doc["ready_from"] = ready_from
+    doc["kafka_running"] = kafka_running
     doc["started_at"] = started
     doc["other_processes_busy_cores"] = {"median": median(noise), "max": max(noise, default=0)}
     write_result("lookup", doc, lambda p: chart(doc, p), args.results)

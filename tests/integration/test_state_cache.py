@@ -1,0 +1,69 @@
+"""The partition owner's cache of cookie states is bounded (DMP_INGEST_STATE_CACHE_SIZE).
+
+Whether a state came from the cache or from Redis is seen by deleting its key behind the
+store's back: the cache still answers it, Redis no longer does.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from dmp.config import Settings
+from dmp.cookie_state import CookieState
+from dmp.keys import PartitionKeys
+from dmp.partition_batch import BatchPlan
+from dmp.partition_store import PartitionStore
+
+
+def states_plan(*uids: str, first_local: int) -> BatchPlan:
+    states = {uid: CookieState(local=first_local + n) for n, uid in enumerate(uids)}
+    return BatchPlan(states=states, next_local=first_local + len(uids))
+
+
+async def answered_after_deleting(
+    store: PartitionStore, client: aioredis.Redis, uids: list[str]
+) -> list[str]:
+    await client.delete(*[store.keys.cookie(u) for u in uids])
+    found = await store.fetch_states(uids)
+    return sorted(uid for uid, state in found.items() if state is not None)
+
+
+async def test_the_cache_keeps_at_most_its_size_then_starts_again(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    keys = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0)
+    store = PartitionStore(redis_client, keys, state_ttl=60, stream_maxlen=100, max_cached_states=2)
+    await store.load()
+    await store.commit(states_plan("a", "b", first_local=0), 1, time.time())
+    await store.commit(states_plan("c", first_local=2), 2, time.time())
+    # "c" would have made three: the cache was emptied, then took "c" alone.
+    assert await answered_after_deleting(store, redis_client, ["a", "b", "c"]) == ["c"]
+
+
+async def test_a_batch_larger_than_the_cache_is_not_cached(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    keys = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0)
+    store = PartitionStore(redis_client, keys, state_ttl=60, stream_maxlen=100, max_cached_states=2)
+    await store.load()
+    await store.commit(states_plan("a", "b", "c", first_local=0), 1, time.time())
+    assert await answered_after_deleting(store, redis_client, ["a", "b", "c"]) == []
+
+
+async def test_size_zero_keeps_no_state_in_memory(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    keys = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0)
+    store = PartitionStore(redis_client, keys, state_ttl=60, stream_maxlen=100, max_cached_states=0)
+    await store.load()
+    await store.commit(states_plan("a", first_local=0), 1, time.time())
+    assert (await store.fetch_states(["a"]))["a"] == CookieState(local=0)  # read from Redis
+    assert await answered_after_deleting(store, redis_client, ["a"]) == []
+
+
+def test_a_negative_size_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="DMP_INGEST_STATE_CACHE_SIZE=-1: must be 0 or more"):
+        Settings.from_env({"DMP_INGEST_STATE_CACHE_SIZE": "-1"})
