@@ -52,6 +52,11 @@ class RedisSettings:
     # good. Above any one command's time here (the largest reads are replica snapshots)
     # and above LookupSettings.follow_block_ms (a blocking XREAD waits that long).
     socket_timeout_seconds: float = 30.0
+    # A cluster client retries a failed command itself, and a timeout is a failure: against
+    # a master that stops answering, each attempt waits the whole socket timeout. redis-py's
+    # default of 10 retries held one GET 10 s at a 0.5 s timeout (docs/decisions/0021). Our
+    # services retry Redis failures themselves, with backoff, so the client keeps one.
+    cluster_retries: int = 1
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,10 @@ class Settings:
         # A bad shard is refused at start, with the reason, not at the first lookup.
         parse_shard(settings.lookup.shard, settings.kafka.partitions)
         _check_timeouts(settings)
+        if settings.redis.cluster_retries < 0:
+            raise ValueError(
+                f"DMP_REDIS_CLUSTER_RETRIES={settings.redis.cluster_retries}: must be 0 or more"
+            )
         if settings.ingest.state_cache_size < 0:
             raise ValueError(
                 f"DMP_INGEST_STATE_CACHE_SIZE={settings.ingest.state_cache_size}: must be 0 or more"

@@ -12,6 +12,8 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from dmp.config import RedisSettings
@@ -27,7 +29,12 @@ def connect(settings: RedisSettings) -> aioredis.Redis:
     if settings.cluster:
         # Same command API for the keys we use; the callers are typed for Redis.
         cluster = RedisCluster.from_url(
-            settings.url, socket_timeout=timeout, socket_connect_timeout=timeout
+            settings.url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # Bounds a call to a hung master near (retries + 1) x the timeout: each
+            # attempt waits it out (docs/decisions/0021). Backoff as redis-py's default.
+            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=1.0), settings.cluster_retries),
         )
         return cast(aioredis.Redis, cluster)
     return aioredis.Redis.from_url(

@@ -6,8 +6,11 @@ Each partition's keys share one hash tag, so a batch's WATCH/MULTI/EXEC stays in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import pytest
@@ -25,7 +28,7 @@ from dmp.keys import PartitionKeys, partitions_key
 from dmp.metrics import IngestMetrics, LookupMetrics
 from dmp.partition_batch import BatchPlan
 from dmp.partition_store import Fenced, PartitionStore
-from dmp.redis_client import connect
+from dmp.redis_client import REDIS_FAILURES, connect
 from dmp.redis_types import as_bytes
 from segment_rules import CompiledRules
 from tests.integration.conftest import wait_until
@@ -187,3 +190,54 @@ async def test_a_replica_follows_the_cluster(
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The process stops answering, as a master behind a partition that drops packets."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+async def test_a_master_that_stops_answering_fails_a_call_within_the_retries(
+    cluster_settings: Settings, retries: int
+) -> None:
+    """Each attempt against a hung master waits the whole socket timeout, so a call fails
+    after about (retries + 1) x the timeout. redis-py's default of 10 retries made it about
+    20 x (10.1 s at 0.5 s, docs/decisions/0021). The batch commit is what ingest waits on."""
+    timeout = 0.5
+    redis_settings = replace(
+        cluster_settings.redis, socket_timeout_seconds=timeout, cluster_retries=retries
+    )
+    client = connect(redis_settings)
+    assert isinstance(client, RedisCluster)
+    keys = PartitionKeys(redis_settings.key_prefix, cluster_settings.kafka.topic, 0)
+    store = PartitionStore(client, keys, state_ttl=3600, stream_maxlen=1000)
+    try:
+        await store.load()
+        node = client.get_node_from_key(keys.offset)
+        direct = aioredis.Redis(host=node.host, port=node.port)
+        pid = int((await direct.info("server"))["process_id"])
+        await direct.aclose()
+        bound = (retries + 1) * timeout + 1.0  # the backoff (capped at 1 s) and slack
+        with stopped(pid):
+            started = time.monotonic()
+            with pytest.raises(REDIS_FAILURES):
+                await asyncio.wait_for(client.get(keys.offset), 30)
+            took_get = time.monotonic() - started
+            started = time.monotonic()
+            with pytest.raises(REDIS_FAILURES):
+                await asyncio.wait_for(store.commit(_plan("h1", 0, "geo_socal"), 1, 1.0), 30)
+            took_commit = time.monotonic() - started
+        assert timeout * (retries + 1) <= took_get < bound
+        assert timeout <= took_commit < bound
+        # Answering again, the same client carries on.
+        await store.load()
+        await store.commit(_plan("h1", 0, "geo_socal"), 1, 1.0)
+        assert await client.get(keys.offset) == b"1"
+    finally:
+        await client.aclose()

@@ -55,3 +55,8 @@ def test_a_blocking_read_longer_than_the_socket_timeout_is_refused_at_start() ->
         Settings.from_env(env)
     settings = Settings.from_env({**env, "DMP_LOOKUP_FOLLOW_BLOCK_MS": "1999"})
     assert settings.redis.socket_timeout_seconds == 2.0
+
+
+def test_negative_cluster_retries_are_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="DMP_REDIS_CLUSTER_RETRIES=-1: must be 0 or more"):
+        Settings.from_env({"DMP_REDIS_CLUSTER_RETRIES": "-1"})
