@@ -67,7 +67,7 @@ class IngestSettings:
     due_sweep_limit: int = 2000
     metrics_port: int = 0
     # Cookie states each owned partition keeps in memory (dmp/partition_store.py); past it the
-    # cache is emptied and refilled from Redis. ~1.7 KB a state with 1,000 segments
+    # cache is emptied and refilled from Redis. ~0.7 KB a state with 1,000 segments
     # (docs/decisions/0020). 0: none kept, every batch reads its states from Redis.
     state_cache_size: int = 500_000
 

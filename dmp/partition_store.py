@@ -66,6 +66,11 @@ class PartitionStore:
     The consumer that owns a partition is its only writer, so its cached cookie states and
     bitmap chunks are the truth as long as every commit succeeds; any failed commit drops
     both caches, since the batch's plan already changed the cached states in place.
+
+    A cookie the cache did not hold is cached as the bytes just written (~230 B with 1,000
+    segments); one it held, as the ``CookieState`` object (~1,670 B). Most cookies are
+    Zipf's tail, seen once, and cost little memory that way; the ones seen again are
+    decoded once and then reused as objects (docs/decisions/0020).
     """
 
     def __init__(
@@ -87,7 +92,7 @@ class PartitionStore:
         self.next_offset: int | None = None
         self.next_local = 0
         self._chunks: dict[tuple[str, int], BitMap] = {}
-        self._states: dict[str, CookieState] = {}
+        self._states: dict[str, CookieState | bytes] = {}
 
     async def load(self) -> None:
         offset, next_local = await self.client.mget([self.keys.offset, self.keys.next_local])
@@ -106,6 +111,8 @@ class PartitionStore:
             state = self._states.get(uid)
             if state is None:
                 missing.append(uid)
+            elif isinstance(state, bytes):
+                found[uid] = CookieState.decode(state)
             else:
                 found[uid] = state
         if missing:
@@ -130,15 +137,18 @@ class PartitionStore:
         ``also`` queues more commands into that transaction (a backfill chunk's bookkeeping).
         """
         try:
-            await self._commit(plan, next_offset, produced_at, also)
+            encoded = {uid: state.encode() for uid, state in plan.states.items()}
+            await self._commit(plan, encoded, next_offset, produced_at, also)
         except BaseException:
             self._chunks.clear()
             self._states.clear()
             raise
-        if len(self._states) + len(plan.states) > self.max_cached_states:
-            self._states.clear()
+        cache = self._states
+        if len(cache) + len(plan.states) > self.max_cached_states:
+            cache.clear()
         if len(plan.states) <= self.max_cached_states:
-            self._states.update(plan.states)
+            for uid, state in plan.states.items():
+                cache[uid] = state if uid in cache else encoded[uid]
         for uid in plan.forgotten:
             self._states.pop(uid, None)
 
@@ -164,6 +174,7 @@ class PartitionStore:
     async def _commit(
         self,
         plan: BatchPlan,
+        encoded: dict[str, bytes],
         next_offset: int | None,
         produced_at: float,
         also: Callable[[Pipeline], None] | None,
@@ -176,15 +187,15 @@ class PartitionStore:
                 self._chunks.clear()  # our cached copies may be stale
                 raise Fenced(f"{self.keys.tag}: offset moved to {stored!r}")
             pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves multi() untyped
-            if plan.states:
+            if encoded:
                 # Every state is kept until its TTL, even an empty one: forgetting a cookie
                 # when its history empties would make numbering depend on when a batch ran.
                 pipe.eval(
                     SET_STATES,
-                    len(plan.states),
-                    *[self.keys.cookie(u) for u in plan.states],
+                    len(encoded),
+                    *[self.keys.cookie(u) for u in encoded],
                     self.state_ttl,
-                    *[s.encode() for s in plan.states.values()],
+                    *encoded.values(),
                 )
             if dirty:
                 # Every chunk in one command, like the states (redis-py's cluster pipeline

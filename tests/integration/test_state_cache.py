@@ -67,3 +67,28 @@ async def test_size_zero_keeps_no_state_in_memory(
 def test_a_negative_size_is_refused_at_start() -> None:
     with pytest.raises(ValueError, match="DMP_INGEST_STATE_CACHE_SIZE=-1: must be 0 or more"):
         Settings.from_env({"DMP_INGEST_STATE_CACHE_SIZE": "-1"})
+
+
+async def test_a_state_reads_back_equal_whether_cached_as_bytes_or_as_an_object(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    """A cookie first seen is cached as the bytes written, one seen again as its object."""
+    keys = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0)
+    store = PartitionStore(redis_client, keys, state_ttl=60, stream_maxlen=100)
+    await store.load()
+    state = CookieState(
+        local=0, history={"0a1b2c3d": [1.5, 2.25], "e4f5": [[3.0, 7]]}, members=frozenset({"s"})
+    )
+    await store.commit(BatchPlan(states={"a": state}, next_local=1), 1, time.time())
+    await redis_client.delete(store.keys.cookie("a"))
+    first = (await store.fetch_states(["a"]))["a"]  # from the bytes
+    assert first == state
+    assert first is not state
+    assert first is not None
+    first.history["0a1b2c3d"].append(4.0)
+    await store.commit(BatchPlan(states={"a": first}, next_local=1), 2, time.time())
+    await redis_client.delete(store.keys.cookie("a"))
+    second = (await store.fetch_states(["a"]))["a"]  # the object itself, seen again
+    assert second == first
+    assert second is not None
+    assert second.history["0a1b2c3d"] == [1.5, 2.25, 4.0]
