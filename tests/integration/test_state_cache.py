@@ -23,6 +23,16 @@ def states_plan(*uids: str, first_local: int) -> BatchPlan:
     return BatchPlan(states=states, next_local=first_local + len(uids))
 
 
+async def loaded_store(
+    settings: Settings, client: aioredis.Redis, cached: int = 500_000
+) -> PartitionStore:
+    """Partition 0's store, loaded, keeping at most ``cached`` states in memory."""
+    keys = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0)
+    store = PartitionStore(client, keys, state_ttl=60, stream_maxlen=100, max_cached_states=cached)
+    await store.load()
+    return store
+
+
 async def answered_after_deleting(
     store: PartitionStore, client: aioredis.Redis, uids: list[str]
 ) -> list[str]:
@@ -34,9 +44,7 @@ async def answered_after_deleting(
 async def test_the_cache_keeps_at_most_its_size_then_starts_again(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    keys = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0)
-    store = PartitionStore(redis_client, keys, state_ttl=60, stream_maxlen=100, max_cached_states=2)
-    await store.load()
+    store = await loaded_store(settings, redis_client, cached=2)
     await store.commit(states_plan("a", "b", first_local=0), 1, time.time())
     await store.commit(states_plan("c", first_local=2), 2, time.time())
     # "c" would have made three: the cache was emptied, then took "c" alone.
@@ -46,9 +54,7 @@ async def test_the_cache_keeps_at_most_its_size_then_starts_again(
 async def test_a_batch_larger_than_the_cache_is_not_cached(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    keys = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0)
-    store = PartitionStore(redis_client, keys, state_ttl=60, stream_maxlen=100, max_cached_states=2)
-    await store.load()
+    store = await loaded_store(settings, redis_client, cached=2)
     await store.commit(states_plan("a", "b", "c", first_local=0), 1, time.time())
     assert await answered_after_deleting(store, redis_client, ["a", "b", "c"]) == []
 
@@ -56,9 +62,7 @@ async def test_a_batch_larger_than_the_cache_is_not_cached(
 async def test_size_zero_keeps_no_state_in_memory(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    keys = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0)
-    store = PartitionStore(redis_client, keys, state_ttl=60, stream_maxlen=100, max_cached_states=0)
-    await store.load()
+    store = await loaded_store(settings, redis_client, cached=0)
     await store.commit(states_plan("a", first_local=0), 1, time.time())
     assert (await store.fetch_states(["a"]))["a"] == CookieState(local=0)  # read from Redis
     assert await answered_after_deleting(store, redis_client, ["a"]) == []
@@ -73,9 +77,7 @@ async def test_a_state_reads_back_equal_whether_cached_as_bytes_or_as_an_object(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     """A cookie first seen is cached as the bytes written, one seen again as its object."""
-    keys = PartitionKeys(settings.redis.key_prefix, settings.kafka.topic, 0)
-    store = PartitionStore(redis_client, keys, state_ttl=60, stream_maxlen=100)
-    await store.load()
+    store = await loaded_store(settings, redis_client)
     state = CookieState(
         local=0, history={"0a1b2c3d": [1.5, 2.25], "e4f5": [[3.0, 7]]}, members=frozenset({"s"})
     )
