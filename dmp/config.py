@@ -173,14 +173,12 @@ class Settings:
         # A bad shard is refused at start, with the reason, not at the first lookup.
         parse_shard(settings.lookup.shard, settings.kafka.partitions)
         _check_timeouts(settings)
-        if settings.redis.cluster_retries < 0:
-            raise ValueError(
-                f"DMP_REDIS_CLUSTER_RETRIES={settings.redis.cluster_retries}: must be 0 or more"
-            )
-        if settings.ingest.state_cache_size < 0:
-            raise ValueError(
-                f"DMP_INGEST_STATE_CACHE_SIZE={settings.ingest.state_cache_size}: must be 0 or more"
-            )
+        for name, count in (
+            ("DMP_REDIS_CLUSTER_RETRIES", settings.redis.cluster_retries),
+            ("DMP_INGEST_STATE_CACHE_SIZE", settings.ingest.state_cache_size),
+        ):
+            if count < 0:
+                raise ValueError(f"{name}={count}: must be 0 or more")
         return settings
 
 

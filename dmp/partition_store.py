@@ -150,7 +150,7 @@ class PartitionStore:
             for uid, state in plan.states.items():
                 cache[uid] = state if uid in cache else encoded[uid]
         for uid in plan.forgotten:
-            self._states.pop(uid, None)
+            cache.pop(uid, None)
 
     async def mark_rules_from(self, version: int) -> None:
         """Record, once, the offset from which this partition applies rule ``version``.
